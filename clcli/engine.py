@@ -1,0 +1,167 @@
+"""Shared loops and the runtime every method receives: device, loaders, progress, guards.
+
+Methods call these instead of writing their own loops, so that progress bars, divergence checks
+and loader settings are the same everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from clcli.errors import DivergenceError
+
+log = logging.getLogger("clcli")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices). Called at the start of every task with
+    ``train_seed + task_index`` so a resumed run draws exactly what an uninterrupted one draws."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Runtime:
+    """Everything about *how* to run, as opposed to *what* to run."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    amp_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
+    max_loss_factor: float = 10.0  # loss above factor·max(first loss, ln C) counts as divergence
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    progress: Progress | None = None
+
+    def loader(self, dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
+        pin = self.device.type == "cuda"
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            pin_memory=pin, persistent_workers=False, generator=generator, drop_last=False,
+        )
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def track(self, iterable: Iterable, description: str, total: int | None = None):
+        """Iterate with a transient rich progress bar (a no-op wrapper when no progress is live)."""
+        if self.progress is None:
+            yield from iterable
+            return
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        task = self.progress.add_task(description, total=total)
+        try:
+            for item in iterable:
+                yield item
+                self.progress.advance(task)
+        finally:
+            self.progress.remove_task(task)
+
+    @contextlib.contextmanager
+    def live(self):
+        """Show progress bars for the duration of the block."""
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            self.progress = progress
+            try:
+                yield progress
+            finally:
+                self.progress = None
+
+
+class LossGuard:
+    """Stops training whose loss is non-finite or exploding (diverged training is not forgetting)."""
+
+    def __init__(self, where: str, num_classes: int, factor: float):
+        self.where, self.factor = where, factor
+        self.floor = math.log(max(num_classes, 2))
+        self.first: float | None = None
+
+    def check(self, loss: float, epoch: int, step: int) -> None:
+        if self.first is None and math.isfinite(loss):
+            self.first = loss
+        limit = self.factor * max(self.first or 0.0, self.floor)
+        if not math.isfinite(loss) or loss > limit:
+            raise DivergenceError(
+                f"Training diverged in {self.where}, epoch {epoch + 1}, step {step + 1}: loss = {loss:.4g} "
+                f"(first loss {self.first if self.first is not None else float('nan'):.4g}, limit {limit:.4g}). "
+                "This is not forgetting but a failed optimization: lower optim.lr.representation / "
+                "optim.lr.classifier, or check the data. Checkpoints of finished tasks are kept."
+            )
+
+
+def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
+        optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
+        train_mode: Callable[[], None] | None = None) -> list[float]:
+    """Run ``epochs`` of ``loss = step(x, y)``, backward, optimizer step; schedule per epoch or per
+    step (``scheduler.per_step``). Returns the mean loss of every epoch."""
+    guard = LossGuard(where, num_classes, rt.max_loss_factor)
+    history = []
+    for epoch in rt.track(range(epochs), f"{where} epochs"):
+        if train_mode is not None:
+            train_mode()
+        total, count = 0.0, 0
+        for i, (x, y) in enumerate(rt.track(loader, f"epoch {epoch + 1}/{epochs}")):
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            with rt.autocast():
+                loss = step(x, y)
+            value = float(loss.detach())
+            guard.check(value, epoch, i)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None and getattr(scheduler, "per_step", False):
+                scheduler.step()
+            total, count = total + value * len(y), count + len(y)
+        if scheduler is not None and not getattr(scheduler, "per_step", False):
+            scheduler.step()
+        history.append(total / max(count, 1))
+        log.info("%s epoch %d/%d: loss %.4f", where, epoch + 1, epochs, history[-1])
+    return history
+
+
+@torch.inference_mode()
+def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], dataset, rt: Runtime,
+                     batch_size: int | None = None, description: str = "features"):
+    """Yield ``(features, labels)`` batches of ``fn(images)`` over ``dataset`` in order."""
+    loader = rt.loader(dataset, batch_size or rt.eval_batch_size, shuffle=False)
+    for x, y in rt.track(loader, description):
+        with rt.autocast():
+            f = fn(x.to(rt.device, non_blocking=True))
+        yield f.float(), y.to(rt.device)
+
+
+@torch.inference_mode()
+def evaluate(method, scenario, after: int, matrix, rt: Runtime) -> None:
+    """Score ``method.predict`` on every task the scenario evaluates after task ``after`` and record
+    correct/total counts in row ``after`` of ``matrix``."""
+    for task in scenario.eval_tasks(after):
+        candidates = scenario.candidates(after, task)
+        loader = rt.loader(task.test, rt.eval_batch_size, shuffle=False)
+        correct = total = 0
+        for x, y in rt.track(loader, f"eval {task.name}"):
+            with rt.autocast():
+                logits = method.predict(x.to(rt.device, non_blocking=True), candidates)
+            pred = logits.argmax(1).cpu() + candidates.start
+            correct += int((pred == y).sum())
+            total += len(y)
+        matrix.record(after, task.index, correct, total)

@@ -1,0 +1,99 @@
+"""Accuracy matrix of counts and the papers' metrics as pure functions.
+
+``AccuracyMatrix`` holds correct/total counts per (after-task row, evaluated-task column); accuracies
+are percentages (0–100) like the papers report. Class-incremental metrics follow SLCA (spec
+slca.md §6): the accuracy after task t is top-1 over *all seen classes* (sample-weighted over the
+seen tasks' test sets); Last-Acc is the final one, Inc-Acc the mean of the per-task values each
+rounded to 2 decimals first. MTIL metrics follow ZSCL/DIKI (spec diki_mtil.md §2).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class AccuracyMatrix:
+    """``T×T`` correct/total counts; ``-1`` totals mark cells that were not evaluated."""
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+        self.correct = np.zeros((num_tasks, num_tasks), dtype=np.int64)
+        self.total = np.full((num_tasks, num_tasks), -1, dtype=np.int64)
+
+    def record(self, after: int, task: int, correct: int, total: int) -> None:
+        self.correct[after, task], self.total[after, task] = int(correct), int(total)
+
+    def percent(self) -> np.ndarray:
+        """Accuracy in percent, NaN where not evaluated."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = 100.0 * self.correct / self.total
+        out[self.total <= 0] = np.nan
+        return out
+
+    def rows_done(self) -> int:
+        """Number of leading rows with at least one evaluated cell."""
+        done = (self.total >= 0).any(axis=1)
+        return int(np.argmin(done)) if not done.all() else self.num_tasks
+
+    def seen_accuracy(self) -> np.ndarray:
+        """Per row: accuracy over every evaluated cell pooled (SLCA's top-1 over all seen classes)."""
+        mask = self.total > 0
+        c = np.where(mask, self.correct, 0).sum(1)
+        n = np.where(mask, self.total, 0).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, 100.0 * c / np.maximum(n, 1), np.nan)
+
+    def state_dict(self) -> dict:
+        return {"correct": self.correct.tolist(), "total": self.total.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.correct = np.asarray(state["correct"], dtype=np.int64)
+        self.total = np.asarray(state["total"], dtype=np.int64)
+        self.num_tasks = self.correct.shape[0]
+
+
+def last_acc(seen: np.ndarray) -> float:
+    """Last-Acc: accuracy over all classes after the final task."""
+    return float(seen[-1])
+
+
+def inc_acc(seen: np.ndarray) -> float:
+    """Inc-Acc: mean over tasks of the seen-class accuracy, each rounded to 2 decimals first."""
+    return float(np.mean(np.round(seen, 2)))
+
+
+def forgetting(acc: np.ndarray) -> float:
+    """Average forgetting (Chaudhry et al. 2018): for every task but the last, the best accuracy it
+    had before the final step minus its final accuracy, averaged. ``acc`` is the T×T percent matrix
+    of a class-incremental run (row = after task, column = task). 0 for a single task."""
+    T = acc.shape[0]
+    if T < 2:
+        return 0.0
+    drops = [np.nanmax(acc[j : T - 1, j]) - acc[T - 1, j] for j in range(T - 1)]
+    return float(np.mean(drops))
+
+
+def mtil_metrics(acc: np.ndarray) -> dict:
+    """Transfer / Avg / Last of a T×T MTIL matrix (rows = stages, columns = datasets in training
+    order; spec diki_mtil.md §2). Per-dataset lists (Transfer has none for dataset 0, given as None)
+    and means rounded to 1 decimal as the papers report them."""
+    T = acc.shape[0]
+    transfer = [None] + [float(np.mean(acc[:i, i])) for i in range(1, T)]
+    avg = [float(np.mean(acc[:, i])) for i in range(T)]
+    last = [float(acc[T - 1, i]) for i in range(T)]
+    return {
+        "transfer": round(float(np.mean(transfer[1:])), 1) if T > 1 else None,
+        "avg": round(float(np.mean(avg)), 1),
+        "last": round(float(np.mean(last)), 1),
+        "per_dataset": {"transfer": transfer, "avg": avg, "last": last},
+    }
+
+
+def cil_metrics(matrix: AccuracyMatrix) -> dict:
+    """Last-Acc, Inc-Acc, forgetting and the per-step seen-class accuracies of a CIL run."""
+    seen = matrix.seen_accuracy()
+    return {
+        "last_acc": last_acc(seen),
+        "inc_acc": inc_acc(seen),
+        "forgetting": forgetting(matrix.percent()),
+        "seen_acc": [float(v) for v in seen],
+    }

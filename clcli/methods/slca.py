@@ -1,0 +1,181 @@
+"""SLCA: Slow Learner with Classifier Alignment (Zhang et al., ICCV 2023, arXiv 2303.05118).
+
+One class covers the paper's rows through configuration (spec slca.md §4 "Baselines"):
+
+- ``method=slca``: slow representation lr (1e-4) + per-class Gaussians + classifier alignment;
+- ``method=slow_learner``: the same without alignment (``ca.enabled: false``);
+- ``method=seq_ft``: representation lr = classifier lr, no alignment;
+- ``method=frozen``: representation lr 0 (backbone frozen, features without autograd);
+- ``method=joint``: every class in one task (``joint: true``), the upper bound.
+
+Per task (spec §1): add a head and freeze the old ones; stage 1 trains the backbone and the new head
+with CE over the new head's logits only; per-class statistics of the train images under the test
+transform in eval mode; from task 1 on, classifier alignment trains a *copy* of all heads on sampled
+features with logit normalization. The copy serves this task's evaluation only: the next task starts
+from the stage-1 heads (the reference's ``backup()``/``recall()``), so alignment is never cumulative.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from clcli import optim as optim_lib
+from clcli.data.scenario import Scenario, Task
+from clcli.engine import Runtime, extract_features, fit
+from clcli.models.heads import TaskHeads
+from clcli.stats import GaussianStats
+
+log = logging.getLogger("clcli")
+
+
+def logit_norm_loss(logits: torch.Tensor, targets: torch.Tensor, slices: list[tuple[int, int]], tau: float) -> torch.Tensor:
+    """CE on logits divided by the per-sample mean over tasks of the per-task logit L2 norm, and by
+    τ (spec slca.md §5.3). τ ≤ 0 means plain CE. The divisor is positive per sample, so the argmax
+    is unchanged; the gradient flows through it."""
+    if tau <= 0:
+        return F.cross_entropy(logits, targets)
+    norms = torch.stack([logits[:, a:b].norm(p=2, dim=1) + 1e-7 for a, b in slices], dim=1).mean(1)
+    return F.cross_entropy(logits / norms[:, None] / tau, targets)
+
+
+def ca_mean_scale(labels: list[int], task_index: int, task_of: list[int], current_task_size: int,
+                  buggy_task_id: bool) -> torch.Tensor:
+    """Mean scale 0.9 + 0.1·(t_c + 1)/(T + 1) per class (spec §5.3). With ``buggy_task_id`` the
+    reference's t_c = c // (size of the *current* task) is used (Cars, final task: up to 1.03)."""
+    T = task_index
+    t_c = [c // current_task_size if buggy_task_id else task_of[c] for c in labels]
+    return torch.tensor([0.9 + 0.1 * (t + 1) / (T + 1) for t in t_c], dtype=torch.float64)
+
+
+class SLCA:
+    """Slow learner (+ optional classifier alignment) on a feature backbone with one head per task."""
+
+    def __init__(self, backbone, optim, runtime: Runtime, ca: dict, stats: dict, joint: bool = False):
+        self.backbone = backbone.to(runtime.device)
+        self.optim, self.rt = optim, runtime
+        self.ca, self.stats_cfg, self.joint = dict(ca), dict(stats), joint
+        self.heads = TaskHeads(backbone.feature_dim).to(runtime.device)
+        self.aligned: TaskHeads | None = None
+        self.stats = GaussianStats(backbone.feature_dim, ridge=self.stats_cfg["ridge"])
+        self.task_of: list[int] = []  # task index of every label seen so far
+        self.train_backbone = float(optim.lr.representation) > 0
+        self.backbone.requires_grad_(self.train_backbone)
+
+    # ------------------------------------------------------------------ protocol
+    def prepare_scenario(self, scenario: Scenario) -> Scenario:
+        return scenario.joint() if self.joint else scenario
+
+    def begin_task(self, task: Task) -> None:
+        self.aligned = None  # recall(): the next task starts from the stage-1 heads
+        self.heads.add_task(task.num_classes, freeze_old=True)
+        self.task_of.extend([task.index] * task.num_classes)
+
+    def train_task(self, task: Task) -> None:
+        """Stage 1, the slow learner (spec §4)."""
+        o = self.optim
+        head = self.heads.heads[-1]
+        known = task.labels.start
+        opt = optim_lib.sgd(
+            [(self.backbone.parameters(), float(o.lr.representation)), (head.parameters(), float(o.lr.classifier))],
+            momentum=o.momentum, weight_decay=o.weight_decay,
+        )
+        loader = self.rt.loader(task.train, o.batch_size, shuffle=True)
+        sched = optim_lib.scheduler(opt, o.schedule, o.epochs, len(loader), milestones=o.milestones, gamma=o.gamma)
+
+        def step(x, y):
+            if self.train_backbone:
+                f = self.backbone(x)
+            else:
+                with torch.no_grad():
+                    f = self.backbone(x)
+            return F.cross_entropy(head(f), y - known)  # CE over the new head's columns only
+
+        def train_mode():
+            self.backbone.train(self.train_backbone)
+
+        fit(step, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=self.rt,
+            where=f"task {task.index} ({task.name})", num_classes=task.num_classes, train_mode=train_mode)
+        self.backbone.eval()
+
+    def end_task(self, task: Task) -> None:
+        if not self.ca["enabled"]:
+            return
+        self._fit_statistics(task)
+        if task.index > 0 and self.ca["epochs"] > 0:
+            self.aligned = self._align(task)
+
+    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        heads = self.aligned if self.aligned is not None else self.heads
+        return heads(self.backbone(images))[:, candidates.start : candidates.stop]
+
+    def summary(self) -> dict:
+        return {
+            "trainable_backbone_parameters": sum(p.numel() for p in self.backbone.parameters()) if self.train_backbone else 0,
+            "head_parameters": sum(p.numel() for p in self.heads.parameters()),
+            "covariance_jitter": dict(self.stats.jitter),
+        }
+
+    # ------------------------------------------------------------------ stages
+    def _fit_statistics(self, task: Task) -> None:
+        """Per-class mean/covariance of the task's train images, test transform, eval mode, one pass."""
+        self.backbone.eval()
+        for f, y in extract_features(self.backbone, task.train_plain, self.rt,
+                                     batch_size=self.stats_cfg["batch_size"], description="class statistics"):
+            self.stats.update(f, y)
+        self.stats.finalize()
+
+    def _align(self, task: Task) -> TaskHeads:
+        """Classifier alignment on features sampled from the class Gaussians (spec §5.3)."""
+        ca, rt = self.ca, self.rt
+        aligned = self.heads.copy()
+        aligned.requires_grad_(True)
+        labels = list(range(task.labels.stop))
+        scale = ca_mean_scale(labels, task.index, self.task_of, task.num_classes, ca["buggy_task_id"]) if ca["mean_scaling"] else None
+        factors = self.stats.cholesky(labels)  # once per task, reused every epoch
+        opt = optim_lib.sgd([(aligned.parameters(), ca["lr"])], momentum=ca["momentum"], weight_decay=ca["weight_decay"])
+        sched = optim_lib.scheduler(opt, "cosine", ca["epochs"], 1)
+        n, slices = ca["samples_per_class"], aligned.slices()
+        guard_where = f"task {task.index} classifier alignment"
+        for epoch in rt.track(range(ca["epochs"]), "alignment epochs"):
+            x, y = self.stats.sample(labels, n, mean_scale=scale, device=rt.device, factors=factors)
+            perm = torch.randperm(len(y))  # CPU permutation as in the reference
+            x, y = x[perm.to(x.device)], y[perm.to(y.device)]
+            for i in range(len(labels)):  # C iterations of n mixed-class samples
+                xb, yb = x[i * n : (i + 1) * n], y[i * n : (i + 1) * n]
+                loss = logit_norm_loss(aligned(xb), yb, slices, ca["logit_norm_tau"])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{guard_where}: non-finite loss at epoch {epoch + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+        aligned.requires_grad_(False)
+        return aligned
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {
+            "backbone": self.backbone.state_dict(),
+            "head_sizes": [h.out_features for h in self.heads.heads],
+            "heads": self.heads.state_dict(),
+            "aligned": self.aligned.state_dict() if self.aligned is not None else None,
+            "stats": self.stats.state_dict(),
+            "task_of": list(self.task_of),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backbone.load_state_dict(state["backbone"])
+        self.heads = TaskHeads(self.backbone.feature_dim)
+        for size in state["head_sizes"]:
+            self.heads.add_task(size, freeze_old=True)
+        self.heads.load_state_dict(state["heads"])
+        self.heads.to(self.rt.device)
+        self.aligned = None
+        if state["aligned"] is not None:
+            self.aligned = self.heads.copy()
+            self.aligned.load_state_dict(state["aligned"])
+            self.aligned.requires_grad_(False)
+        self.stats.load_state_dict(state["stats"])
+        self.task_of = list(state["task_of"])

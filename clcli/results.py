@@ -1,0 +1,239 @@
+"""Run-dir files: atomic writes, per-task checkpoints, results.json, csv/markdown, plots.
+
+Every file is written to a temporary sibling and renamed (``os.replace`` is atomic on POSIX), so a
+process killed at any moment leaves either the previous complete file or the new complete one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clcli.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "clcli-checkpoint-v1"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def config_fingerprint(resolved: dict) -> str:
+    """Hash of the parts of a config that change results (not device, workers, resume, paths)."""
+    ignore = {"resume", "device", "loader", "checkpoint", "paths", "eval"}
+    relevant = {k: v for k, v in resolved.items() if k not in ignore}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunStore:
+    """The files of one run directory."""
+
+    def __init__(self, run_dir: str | Path, fingerprint: str, keep: str = "all"):
+        self.dir = Path(run_dir)
+        self.fingerprint, self.keep = fingerprint, keep
+        self.ckpt_dir = self.dir / "checkpoints"
+
+    @property
+    def results_path(self) -> Path:
+        return self.dir / "results.json"
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.ckpt_dir.glob("task_*.pt"))
+
+    def existing_results(self) -> dict | None:
+        if not self.results_path.is_file():
+            return None
+        try:
+            return json.loads(self.results_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"'{self.results_path}' is not valid JSON ({exc}).") from exc
+
+    def guard_existing(self, resume: bool) -> None:
+        """Refuse to overwrite another config's results, or to start over a finished/started run
+        without ``resume=true``."""
+        res = self.existing_results()
+        started = res is not None or bool(self.checkpoints())
+        if not started:
+            return
+        theirs = res.get("fingerprint") if res else self._checkpoint_fingerprint(self.checkpoints()[-1])
+        if theirs != self.fingerprint:
+            raise CheckpointError(
+                f"Run dir '{self.dir}' already holds results of a different configuration "
+                f"(fingerprint {theirs} vs {self.fingerprint}). Nothing was changed. Choose another "
+                "directory (hydra.run.dir=...) or remove the old one."
+            )
+        if not resume:
+            raise CheckpointError(
+                f"Run dir '{self.dir}' already holds {'finished results' if res else 'checkpoints'} of this "
+                "configuration. Re-run with resume=true to continue it, or choose another hydra.run.dir."
+            )
+
+    def _checkpoint_fingerprint(self, path: Path) -> str | None:
+        return self.load_checkpoint(path).get("fingerprint")
+
+    def save_checkpoint(self, task_index: int, state: dict) -> Path:
+        path = self.ckpt_dir / f"task_{task_index:02d}.pt"
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "task": task_index, **state}, path)
+        if self.keep == "last":
+            for old in self.checkpoints():
+                if old != path:
+                    old.unlink()
+        return path
+
+    def load_checkpoint(self, path: Path) -> dict:
+        """Load with ``weights_only=True`` (no code runs from the file); refuse foreign files."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"Checkpoint '{path}' cannot be read safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                "It is corrupted or not a clcli checkpoint; delete it to restart from the previous task."
+            ) from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"'{path}' is not a clcli checkpoint (missing format tag {CHECKPOINT_FORMAT}).")
+        return state
+
+    def latest_state(self) -> dict | None:
+        ckpts = self.checkpoints()
+        if not ckpts:
+            return None
+        state = self.load_checkpoint(ckpts[-1])
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"Checkpoint '{ckpts[-1]}' belongs to a different configuration; refusing to resume from it.")
+        return state
+
+
+def environment(device: torch.device) -> dict:
+    """Versions, git sha and device: enough to tell two runs' software apart."""
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(), "device": str(device)}
+    for mod in ("timm", "open_clip", "torchvision", "hydra", "numpy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        env["git_sha"] = sha.stdout.strip() or None
+    except Exception:
+        env["git_sha"] = None
+    return env
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
+
+
+def write_outputs(run_dir: Path, results: dict) -> None:
+    """results.json, accuracy_matrix.csv, summary.md and the plots."""
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=float))
+    mat = results["accuracy_matrix"]
+    names = [t["name"] for t in results["tasks"]]
+    lines = ["after_task," + ",".join(names)]
+    for i, row in enumerate(mat):
+        lines.append(f"{names[i]}," + ",".join(_fmt(v) for v in row))
+    atomic_write_text(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+    atomic_write_text(run_dir / "summary.md", summary_markdown(results))
+    try:
+        write_plots(run_dir, results)
+    except ImportError:
+        pass
+
+
+def headline(results: dict) -> dict[str, float | None]:
+    m = results["metrics"]
+    keys = ("transfer", "avg", "last") if results["scenario"]["kind"] == "domain_class_incremental" else ("last_acc", "inc_acc", "forgetting")
+    return {k: m.get(k) for k in keys}
+
+
+def summary_markdown(results: dict) -> str:
+    run = results["run"]
+    out = [f"# {run.get('method')} on {run.get('data')} ({run.get('backbone')}), seed {results['seed']}", ""]
+    out.append("| metric | value |\n|---|---|")
+    out += [f"| {k} | {_fmt(v)} |" for k, v in headline(results).items()]
+    names = [t["name"] for t in results["tasks"]]
+    out += ["", "Accuracy matrix (%; row = after task, column = task):", "",
+            "| after \\ task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, row in enumerate(results["accuracy_matrix"]):
+        out.append(f"| {names[i]} | " + " | ".join(_fmt(v) for v in row) + " |")
+    out += ["", f"Total time: {results['timings']['total_s']:.1f} s", ""]
+    return "\n".join(out)
+
+
+def write_plots(run_dir: Path, results: dict) -> None:
+    """accuracy_curve.png (seen-class accuracy per task, or per dataset for MTIL) and
+    accuracy_matrix.png (heatmap)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mat = np.array([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]], dtype=float)
+    names = [t["name"] for t in results["tasks"]]
+    T = len(names)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if results["scenario"]["kind"] == "domain_class_incremental":
+        for j in range(T):
+            ax.plot(range(1, T + 1), mat[:, j], marker="o", label=names[j])
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_ylabel("top-1 accuracy (%)")
+    else:
+        ax.plot(range(1, T + 1), results["metrics"]["seen_acc"], marker="o")
+        ax.set_ylabel("accuracy on seen classes (%)")
+    ax.set_xlabel("after task")
+    ax.set_title(f"{results['run'].get('method')} / {results['run'].get('data')}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(run_dir / "accuracy_curve.png", buf.getvalue())
+
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * T, 0.8 + 0.5 * T))
+    im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
+    for i in range(T):
+        for j in range(T):
+            if not np.isnan(mat[i, j]):
+                ax.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center", fontsize=7, color="w" if mat[i, j] < 60 else "k")
+    ax.set_xticks(range(T), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(T), names, fontsize=7)
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after task")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(run_dir / "accuracy_matrix.png", buf.getvalue())

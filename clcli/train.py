@@ -1,0 +1,95 @@
+"""The training loop: build, then for every task begin/train/end/evaluate/checkpoint, then report."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from clcli.config import PRECISIONS, check_config
+from clcli.engine import Runtime, evaluate, resolve_device, seed_everything
+from clcli.errors import ConfigError
+from clcli.evaluation import AccuracyMatrix, cil_metrics, mtil_metrics
+from clcli.results import RunStore, config_fingerprint, environment, write_outputs
+from clcli.summary import print_summary
+
+log = logging.getLogger("clcli")
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
+    """Run one experiment into ``run_dir`` and return its results (also written to results.json)."""
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError(problems)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    store = RunStore(run_dir, config_fingerprint(resolved), keep=cfg.checkpoint.keep)
+    store.guard_existing(cfg.resume)
+    if (done := store.existing_results()) is not None:
+        log.info("results in %s are complete; nothing to do", run_dir)
+        return done
+
+    t0 = time.perf_counter()
+    rt = Runtime(device=resolve_device(cfg.device), num_workers=cfg.loader.num_workers,
+                 eval_batch_size=cfg.eval.batch_size, amp_dtype=PRECISIONS[cfg.precision],
+                 max_loss_factor=cfg.guard.max_loss_factor)
+    train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
+    seed_everything(train_seed)  # model construction (fresh norms, heads) is seeded too
+    backbone = instantiate(cfg.backbone)
+    method = instantiate(cfg.method, _partial_=True)(backbone=backbone, optim=cfg.optim, runtime=rt)
+    scenario = method.prepare_scenario(instantiate(cfg.data).build(backbone))
+    matrix = AccuracyMatrix(len(scenario))
+    timings: list[dict] = []
+    start = 0
+    if cfg.resume and (state := store.latest_state()) is not None:
+        method.load_state_dict(state["method"])
+        matrix.load_state_dict(state["matrix"])
+        timings, start = state["timings"], state["task"] + 1
+        log.info("resuming %s after task %d", run_dir, state["task"])
+
+    with rt.live():
+        for task in rt.track(scenario.tasks[start:], "tasks", total=len(scenario) - start):
+            seed_everything(train_seed * 1000 + task.index)  # per task: resume draws the same numbers
+            t = {"task": task.index}
+            tick = time.perf_counter()
+            method.begin_task(task)
+            method.train_task(task)
+            t["train_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            method.end_task(task)
+            t["end_task_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            evaluate(method, scenario, task.index, matrix, rt)
+            t["eval_s"] = time.perf_counter() - tick
+            timings.append(t)
+            row = matrix.percent()[task.index]
+            log.info("after task %d: %s", task.index, np.round(row[~np.isnan(row)], 2).tolist())
+            store.save_checkpoint(task.index, {"method": method.state_dict(), "matrix": matrix.state_dict(), "timings": timings})
+
+    acc = matrix.percent()
+    kind = scenario.kind
+    metrics = mtil_metrics(acc) if kind == "domain_class_incremental" else cil_metrics(matrix)
+    results = {
+        "format": "clcli-results-v1",
+        "fingerprint": store.fingerprint,
+        "run": dict(choices),
+        "seed": cfg.seed,
+        "train_seed": train_seed,
+        "metrics": metrics,
+        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in acc],
+        "counts": matrix.state_dict(),
+        "class_order": scenario.class_order,
+        "tasks": [{"name": t.name, "class_ids": list(map(int, t.class_ids)),
+                   "labels": [t.labels.start, t.labels.stop]} for t in scenario.tasks],
+        "scenario": scenario.manifest(),
+        "method_summary": method.summary(),
+        "timings": {"tasks": timings, "total_s": time.perf_counter() - t0},
+        "environment": {**environment(rt.device), "backbone_weights": getattr(backbone, "weights_identity", None)},
+        "paper": resolved.get("paper"),
+        "config": resolved,
+    }
+    write_outputs(run_dir, results)
+    print_summary(results, rt.console)
+    return results
