@@ -136,6 +136,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
             scheduler.step()
         history.append(total / max(count, 1))
         log.info("%s epoch %d/%d: loss %.4f", where, epoch + 1, epochs, history[-1])
+    optimizer.zero_grad(set_to_none=True)  # free gradient memory; no stale grads leak into the next task
     return history
 
 

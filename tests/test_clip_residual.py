@@ -333,6 +333,29 @@ def test_sgd_changes_only_current_task_residuals(backbone):
     assert all(not torch.equal(p[1], q[1]) for p, q in zip(model.residual_parameters(1), mine_before))
 
 
+def test_fp16_backbone_with_fp32_residuals():
+    """Reference precision is pure fp16 (spec §5.1); fp32 residual master copies get fp32 grads."""
+    torch.manual_seed(0)
+    bb = ClipBackbone("tiny-clip", precision="fp16")
+    assert bb.dtype == torch.float16
+    model = make_diki(bb, n_tasks=1)
+    x, tokens = images(2), bb.tokenize(PROMPTS[:2])
+    with torch.no_grad():
+        img = model.encode_image(x, task=0, weight=torch.tensor([0.5, 1.0]))
+        assert img.dtype == torch.float16
+        torch.testing.assert_close(img.float(), bb.encode_image(x).float(), atol=2e-3, rtol=0)
+    randomize_values(model, 0)
+    loss = (model.encode_image(x, task=0).float() @ model.encode_text(tokens, task=0).float().T).sum()
+    loss.backward()
+    grads = [p.grad for p in model.residual_parameters(0)]
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_depth_beyond_blocks_is_refused(backbone):
+    with pytest.raises(ValueError, match="depth_vision=8 exceeds the 3 blocks"):
+        DikiClip(backbone)  # DIKI's default depth 8 needs >= 8 blocks
+
+
 # --------------------------------------------------------------------------- real widths (slow)
 
 

@@ -1,4 +1,6 @@
-"""Backbones (open_clip CLIP wrapper) and DIKI's residual attention.
+"""Backbones, heads, and DIKI's residual attention.
+
+CLIP side (the rest of the package holds the timm backbones and classifier heads):
 
 - :mod:`clcli.models.clip`: :class:`~clcli.models.clip.ClipBackbone`, a frozen open_clip CLIP that
   owns its preprocessing and tokenizer, plus the ``tiny-clip`` stand-in used by the tests.

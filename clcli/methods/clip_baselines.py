@@ -1,0 +1,248 @@
+"""CLIP baselines of the MTIL tables, and the pieces every CLIP method shares.
+
+The MTIL protocol (ZSCL; DIKI: Tang et al., "Mind the Interference", ECCV 2024, arXiv 2407.05342;
+spec ``diki_mtil.md`` §1, §3.4) classifies an image over the evaluated dataset's own classes with
+``logits = exp(logit_scale) · cos(image feature, text feature of the class prompt)``; the prompt is the
+dataset's first template with the class name (``Task.prompts()``, §1.3). There is no classifier head:
+the text features of the class prompts are the classifier.
+
+- :class:`ZeroShotCLIP` (``method=zeroshot``): frozen CLIP, predict only — the "Zero-shot" row, and
+  the reference DIKI's Transfer should approach (spec §11.2).
+- :class:`ContinualCLIPFT` (``method=clip_ft``): the "Continual-FT" row — both encoders fine-tuned on
+  each dataset in turn with CE over its classes, no protection against forgetting.
+- :func:`clip_backbone`: the Hydra target of ``conf/backbone/{clip_vit_b16,tiny_clip}.yaml``.
+- :class:`PromptBank`, :func:`cosine_logits`, :func:`require_clip`: shared with :mod:`clcli.methods.diki`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from clcli import optim as optim_lib
+from clcli.data.scenario import Scenario, Task
+from clcli.engine import Runtime, fit
+from clcli.errors import ConfigError
+from clcli.models.clip import ClipBackbone
+
+log = logging.getLogger("clcli")
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def clip_backbone(kind: str = "clip", **kwargs) -> ClipBackbone:
+    """Build a :class:`~clcli.models.clip.ClipBackbone` from a backbone config.
+
+    The config carries ``kind: clip`` so that ``check_config`` can refuse CLIP-only methods on timm
+    backbones (``method.requires_backbone``) before anything is built; ``ClipBackbone`` itself takes
+    no ``kind`` argument, so this thin factory consumes it. It also records ``weights_identity``
+    (architecture, tag or file, open_clip version) for results.json's provenance block.
+    """
+    if kind != "clip":
+        raise ConfigError([f"backbone.kind: a CLIP backbone config must say kind: clip, got {kind!r}."])
+    import open_clip
+
+    bb = ClipBackbone(**kwargs)
+    identity = {"model_name": bb.model_name, "open_clip": open_clip.__version__, "precision": bb.precision,
+                "quick_gelu": bb.quick_gelu}
+    if bb.checkpoint_path:
+        from clcli.models.timm_backbone import file_sha256
+
+        identity.update(file=str(bb.checkpoint_path), sha256=file_sha256(bb.checkpoint_path))
+    else:
+        identity["pretrained_tag"] = bb.pretrained  # None = random initialisation (tiny_clip)
+    bb.weights_identity = identity
+    return bb
+
+
+def require_clip(backbone, method: str) -> None:
+    """CLIP methods need the text tower and the tokenizer: refuse anything else with the fix."""
+    if not isinstance(backbone, ClipBackbone):
+        raise ConfigError([
+            f"method={method} needs a CLIP backbone (backbone=clip_vit_b16 or backbone=tiny_clip), "
+            f"got {type(backbone).__name__}."
+        ])
+
+
+def cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · img · txtᵀ`` in float32 for L2-normalised features (spec §3.4); fp16 encoder outputs
+    are promoted so that CE and argmax see the same values on every device."""
+    return scale * image_features.float() @ text_features.float().T
+
+
+class PromptBank:
+    """The class prompts of a scenario by global label, tokenised once (spec §1.3, §3.4).
+
+    ``tokens(candidates)`` are the prompts of a contiguous label range, truncated to the longest
+    prompt's EOT + 1 (exact for CLIP's causal text tower, spec §7 item 2) and kept on the device;
+    ``task_of(candidates)`` names the task (dataset) whose label range it is — in MTIL the evaluated
+    dataset is known from its label space (spec §9, RAIL#2).
+    """
+
+    def __init__(self, backbone: ClipBackbone, scenario: Scenario):
+        self.backbone = backbone
+        self.ranges = [t.labels for t in scenario.tasks]
+        prompts: list[str] = []
+        for t in scenario.tasks:
+            if t.labels.start != len(prompts):
+                raise ValueError(f"task {t.name}: labels {t.labels} do not follow the previous tasks' labels")
+            prompts.extend(t.prompts())
+        self.prompts = prompts
+        self._all = backbone.tokenize(prompts)  # [N, 77] on CPU: ~1,200 prompts for MTIL
+        self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def task_of(self, candidates: range) -> int:
+        for i, labels in enumerate(self.ranges):
+            if labels == candidates:
+                return i
+        raise ValueError(f"candidate labels {candidates} are not the label range of one task ({self.ranges})")
+
+    def tokens(self, candidates: range, device: torch.device | str) -> torch.Tensor:
+        key = (candidates.start, candidates.stop, str(device))
+        if key not in self._cache:
+            rows = self._all[candidates.start : candidates.stop]
+            self._cache[key] = self.backbone.truncate_tokens(rows).to(device)
+        return self._cache[key]
+
+
+class ZeroShotCLIP:
+    """Frozen CLIP with the tasks' prompts: nothing is trained (the MTIL "Zero-shot" row).
+
+    Text features of a candidate range are computed once and cached: the encoders never change, so
+    the cache is exact.
+    """
+
+    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip"):
+        require_clip(backbone, "zeroshot")
+        self.backbone = backbone.to(runtime.device)
+        self.rt = runtime
+        self.bank: PromptBank | None = None
+        self._text: dict[tuple[int, int], torch.Tensor] = {}
+
+    def prepare_scenario(self, scenario: Scenario) -> Scenario:
+        self.bank = PromptBank(self.backbone, scenario)
+        return scenario
+
+    def begin_task(self, task: Task) -> None:
+        pass
+
+    def train_task(self, task: Task) -> None:
+        pass  # zero-shot: nothing to learn
+
+    def end_task(self, task: Task) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        key = (candidates.start, candidates.stop)
+        if key not in self._text:
+            self._text[key] = self.backbone.encode_text(self.bank.tokens(candidates, self.rt.device))
+        return cosine_logits(self.backbone.encode_image(images), self._text[key], self.backbone.logit_scale)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def summary(self) -> dict:
+        return {"trainable_parameters": 0, "logit_scale": self.backbone.logit_scale}
+
+
+class ContinualCLIPFT:
+    """Continual fine-tuning of the whole CLIP, image and text encoders (the MTIL "Continual-FT" row).
+
+    Per task: CE over the current dataset's classes with ``logit_scale · cos(image, prompt text)``,
+    every encoder weight trainable (``exp(logit_scale)`` stays at the checkpoint's value), nothing
+    done against forgetting. Learning rate ``optim.lr.representation`` (``conf/method/clip_ft.yaml``
+    sets 1e-5), schedule, epochs and batch size from ``cfg.optim``; the optimizer is
+    ``method.optimizer``: ``adamw`` (default; ``optim.weight_decay``, PyTorch's default betas) or
+    ``sgd`` (``optim.momentum``, ``optim.weight_decay``). A fresh optimizer every task.
+
+    Precision: an fp16 backbone (``backbone.precision=fp16``, DIKI's setting) is converted to fp32
+    master weights here, because pure-fp16 full fine-tuning loses small updates; use
+    ``precision=bf16`` (autocast) for speed. These hyper-parameters are ours, not ZSCL's protocol.
+    """
+
+    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
+                 optimizer: str = "adamw"):
+        require_clip(backbone, "clip_ft")
+        problems = []
+        if optimizer not in OPTIMIZERS:
+            problems.append(f"method.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}.")
+        if not float(optim.lr.representation) > 0:
+            problems.append("optim.lr.representation: clip_ft fine-tunes CLIP with it; must be > 0.")
+        if problems:
+            raise ConfigError(problems)
+        if backbone.dtype != torch.float32:
+            log.warning("clip_ft: converting the %s backbone to fp32 master weights for fine-tuning", backbone.dtype)
+            backbone.model.float()
+        self.backbone = backbone.to(runtime.device)
+        self.optim, self.rt, self.optimizer = optim, runtime, optimizer
+        self.bank: PromptBank | None = None
+        self._text: dict[tuple[int, int], torch.Tensor] = {}
+        self.history: list[dict] = []
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.backbone.model.named_parameters() if n != "logit_scale"]
+
+    def prepare_scenario(self, scenario: Scenario) -> Scenario:
+        self.bank = PromptBank(self.backbone, scenario)
+        return scenario
+
+    def begin_task(self, task: Task) -> None:
+        pass
+
+    def train_task(self, task: Task) -> None:
+        o, rt = self.optim, self.rt
+        params = self._trainable()
+        for p in params:
+            p.requires_grad_(True)
+        lr = float(o.lr.representation)
+        if self.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(o.weight_decay))
+        else:
+            opt = optim_lib.sgd([(params, lr)], momentum=o.momentum, weight_decay=o.weight_decay)
+        loader = rt.loader(task.train, o.batch_size, shuffle=True)
+        sched = optim_lib.scheduler(opt, o.schedule, o.epochs, len(loader), milestones=o.milestones,
+                                    gamma=o.gamma, final_lr_ratio=o.final_lr_ratio)
+        tokens = self.bank.tokens(task.labels, rt.device)
+        start, scale = task.labels.start, self.backbone.logit_scale
+
+        def step(x, y):
+            # The text tower is part of the model being fine-tuned: re-encode the prompts every step.
+            logits = cosine_logits(self.backbone.encode_image(x), self.backbone.encode_text(tokens), scale)
+            return F.cross_entropy(logits, y - start)
+
+        losses = fit(step, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=rt,
+                     where=f"task {task.index} ({task.name})", num_classes=task.num_classes)
+        for p in params:
+            p.requires_grad_(False)
+        self._text.clear()  # the encoders changed
+        self.history.append({"task": task.index, "name": task.name, "train_loss": losses})
+
+    def end_task(self, task: Task) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        key = (candidates.start, candidates.stop)
+        if key not in self._text:
+            self._text[key] = self.backbone.encode_text(self.bank.tokens(candidates, self.rt.device))
+        return cosine_logits(self.backbone.encode_image(images), self._text[key], self.backbone.logit_scale)
+
+    def state_dict(self) -> dict:
+        return {"model": self.backbone.model.state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backbone.model.load_state_dict(state["model"])
+        self.history = list(state["history"])
+        self._text.clear()
+
+    def summary(self) -> dict:
+        return {
+            "trainable_parameters": sum(p.numel() for p in self._trainable()),
+            "optimizer": self.optimizer,
+            "tasks": self.history,
+        }

@@ -1,0 +1,341 @@
+"""DIKI: Distribution-aware Interference-free Knowledge Integration on a frozen CLIP.
+
+Tang et al., "Mind the Interference: Retaining Pre-trained Knowledge in Parameter Efficient Continual
+Learning of Vision-Language Models", ECCV 2024, arXiv 2407.05342. Implemented from the clcli spec
+``diki_mtil.md`` (the reference repository has no license; nothing is copied from it).
+
+Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
+
+1. ``begin_task``: allocate task t's residual key/value pools (:class:`~clcli.models.residual_attention.DikiClip`,
+   V_r = 0 so the model starts as zero-shot CLIP, §3.2) and fit a Gaussian to the L2-normalised
+   *frozen* image features of t's training set — mean and unbiased full covariance + ``cov_ridge``·I,
+   one pass with :func:`clcli.engine.extract_features` (§4.1), :class:`~clcli.stats.GaussianStats`
+   keyed by task index, in float64 (§8 item 8).
+2. ``train_task``: only task t's residuals are trained (a fresh optimizer over them alone, §8 item 11),
+   with the oracle task id and weight 1: SGD at ``optim.lr.representation`` (5.0), momentum 0, weight
+   decay 0, per-step cosine to ``final_lr_ratio``·lr (5e-3), ``optim.epochs`` (10) epochs of batch
+   ``optim.batch_size`` (128); CE over t's classes of ``logit_scale · cos(image, prompt text)``, with the
+   text features of t's prompts re-encoded every step through t's text residuals (prompts truncated to
+   the longest EOT + 1, exact, §7 item 2). After every epoch the val accuracy (oracle task, w = 1, no
+   Gaussian) is measured and the best epoch's residuals are restored at the end (§5.1) when
+   ``select_best_on_val`` and the task has a val split.
+3. ``predict(images, candidates)`` (§4.2): the evaluated dataset is the task whose label range is
+   ``candidates``; for each sample S_b = max over learned tasks k of log N(f_b; μ_k, Σ_k) on its frozen
+   normalised feature f_b, k_b the argmax, and w_b = σ(S_b/scale − shift) (scale 512, shift 1). With
+   ``calibration.task_select: batch`` (the reference) the batch uses the majority task of the k_b
+   (ties: lowest task index), the vision residual is scaled per sample by w_b (each sample's own
+   likelihood, even when its own k_b lost the vote, §8 item 2) and the text residual by mean_b(w_b).
+   With ``task_select: sample`` each sample uses its own k_b and its own w_b for both its image and
+   its own text features (§4.3: the reference crashes in this mode, so the text weighting is ours);
+   computed by grouping the samples by selected task.
+
+Batch-wise selection makes results depend on the evaluation batch (``eval.batch_size`` 256, unshuffled,
+a last partial batch votes alone; §8 item 1).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from clcli import optim as optim_lib
+from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, Task
+from clcli.engine import Runtime, extract_features, fit
+from clcli.errors import ConfigError
+from clcli.methods.clip_baselines import PromptBank, cosine_logits, require_clip
+from clcli.models.residual_attention import DikiClip
+from clcli.stats import GaussianStats
+
+log = logging.getLogger("clcli")
+
+DIKI_DEPTH = 8  # residual pools in the first 8 of ViT-B/16's 12 blocks, both encoders (spec §3.2)
+PARAM_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+TASK_SELECT = ("batch", "sample")
+# Per-sample text weighting encodes the dataset's prompts once per distinct weight; this many prompts
+# go through the text tower per call (SUN397: 20 samples x 397 classes), bounding activation memory.
+MAX_PROMPTS_PER_PASS = 8192
+
+
+def calibration_weight(score: torch.Tensor, scale: float = 512.0, shift: float = 1.0) -> torch.Tensor:
+    """DIKI's residual weight w = σ(S/scale − shift) for a log-likelihood S (spec §4.2): S = 512 → 0.5,
+    S = 0 → σ(−1) ≈ 0.2689, monotone in S. ``scale`` = 512 is the reference's hard-coded constant
+    (§8 item 9), not necessarily the feature width."""
+    return torch.sigmoid(score / scale - shift)
+
+
+def majority_task(tasks: torch.Tensor) -> int:
+    """The most frequent task id of a batch (spec §4.2 step 6). Ties go to the lowest task id (the
+    reference takes the top-1 of the counts, whose tie order is unspecified)."""
+    values, counts = torch.unique(tasks, return_counts=True)  # values sorted ascending
+    return int(values[torch.argmax(counts)])  # argmax returns the first maximum
+
+
+def calibrate(stats: GaussianStats, features: torch.Tensor, learned: list[int], scale: float, shift: float):
+    """Per sample: best task k_b, its log-likelihood S_b (float64) and weight w_b (float32), from
+    the normalised frozen ``features`` [B, D] and the Gaussians of the ``learned`` tasks."""
+    scores = stats.log_prob(features, learned)  # [B, K], float64
+    best, arg = scores.max(dim=1)
+    tasks = torch.as_tensor(learned, device=arg.device)[arg]
+    return tasks, best, calibration_weight(best, scale, shift).float()
+
+
+def _resolve_depth(value, blocks: int, key: str, model_name: str, problems: list[str]) -> int:
+    if value is None:  # DIKI's 8, or every block of a smaller stand-in (tiny_clip has 3)
+        return min(DIKI_DEPTH, blocks)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        problems.append(f"method.{key}: expected null or an integer >= 0, got {value!r}.")
+        return 0
+    if value > blocks:
+        problems.append(
+            f"method.{key}={value} exceeds the {blocks} blocks of backbone {model_name!r}: set "
+            f"method.{key} to at most {blocks}, or null (DIKI's {DIKI_DEPTH}, capped at the block count)."
+        )
+    return value
+
+
+class DIKI:
+    """DIKI on a frozen open_clip CLIP (see the module docstring for the algorithm and spec sections).
+
+    Args (``conf/method/diki.yaml``):
+        depth_vision, depth_text: leading blocks with residual pools in each encoder; ``null`` =
+            DIKI's 8 (spec §3.2), capped at the block count of smaller backbones; an integer larger
+            than the block count is refused.
+        n_tokens: residual keys/values per block and task (8).
+        param_dtype: ``fp16`` (the reference, §5.2), ``fp32`` (master copy; a deviation) or ``bf16``.
+        calibration: ``scale`` (512), ``shift`` (1.0), ``cov_ridge`` (1e-7, added to every covariance),
+            ``task_select`` (``batch`` = reference, or ``sample``).
+        select_best_on_val: keep the best epoch by val accuracy when the task has a val split.
+    """
+
+    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
+                 depth_vision: int | None = None, depth_text: int | None = None, n_tokens: int = 8,
+                 param_dtype: str = "fp16", calibration: dict | None = None, select_best_on_val: bool = True):
+        require_clip(backbone, "diki")
+        cal = {"scale": 512.0, "shift": 1.0, "cov_ridge": 1e-7, "task_select": "batch", **dict(calibration or {})}
+        m = backbone.model
+        problems: list[str] = []
+        dv = _resolve_depth(depth_vision, len(m.visual.transformer.resblocks), "depth_vision", backbone.model_name, problems)
+        dt = _resolve_depth(depth_text, len(m.transformer.resblocks), "depth_text", backbone.model_name, problems)
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            problems.append(f"method.n_tokens: expected an integer >= 1, got {n_tokens!r}.")
+        if param_dtype not in PARAM_DTYPES:
+            problems.append(f"method.param_dtype: expected one of {', '.join(PARAM_DTYPES)}, got {param_dtype!r}.")
+        if not isinstance(cal["scale"], (int, float)) or cal["scale"] <= 0:
+            problems.append(f"method.calibration.scale: must be > 0, got {cal['scale']!r}.")
+        if not isinstance(cal["shift"], (int, float)):
+            problems.append(f"method.calibration.shift: expected a number, got {cal['shift']!r}.")
+        if not isinstance(cal["cov_ridge"], (int, float)) or cal["cov_ridge"] < 0:
+            problems.append(f"method.calibration.cov_ridge: must be >= 0, got {cal['cov_ridge']!r}.")
+        if cal["task_select"] not in TASK_SELECT:
+            problems.append(f"method.calibration.task_select: expected one of {', '.join(TASK_SELECT)}, "
+                            f"got {cal['task_select']!r}.")
+        unknown = sorted(set(cal) - {"scale", "shift", "cov_ridge", "task_select"})
+        if unknown:
+            problems.append(f"method.calibration: unknown key(s) {unknown}.")
+        if optim.get("name", "sgd") != "sgd":
+            problems.append(f"optim.name: DIKI trains its residuals with SGD (spec §5.1), got {optim.name!r}.")
+        if not float(optim.lr.representation) > 0:
+            problems.append("optim.lr.representation: DIKI trains its residual pools with it; must be > 0 (5.0 in the paper).")
+        if problems:
+            raise ConfigError(problems)
+
+        self.backbone = backbone.to(runtime.device)
+        self.optim, self.rt = optim, runtime
+        self.calibration = cal
+        self.select_best_on_val = bool(select_best_on_val)
+        self.param_dtype = param_dtype
+        self.model = DikiClip(backbone, depth_vision=dv, depth_text=dt, n_tokens_vision=n_tokens,
+                              n_tokens_text=n_tokens, param_dtype=PARAM_DTYPES[param_dtype]).to(runtime.device)
+        # float64 covariances: 1e-7 jitter on near-singular 512x512 matrices (spec §8 item 8).
+        self.stats = GaussianStats(backbone.feature_dim, ridge=float(cal["cov_ridge"]), cov_dtype=torch.float64)
+        self.bank: PromptBank | None = None
+        self.history: list[dict] = []  # per trained task: losses, val accuracies, best epoch, lrs
+        # Text features that are exact to reuse: weight 0 (= zero-shot CLIP, key task None) and weight
+        # exactly 1 (sigmoid saturated) per (dataset, task); any other weight is recomputed (spec §7 item 6).
+        self._text_cache: dict[tuple[int, int | None], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ protocol
+    def prepare_scenario(self, scenario: Scenario) -> Scenario:
+        if scenario.kind != DOMAIN_CLASS_INCREMENTAL:
+            raise ConfigError([
+                f"method=diki needs a domain-class incremental (MTIL) scenario, where each dataset is "
+                f"evaluated over its own classes; data={scenario.name} is {scenario.kind}. Use data=mtil, "
+                "mtil_order2, mtil_fewshot or synthetic_mtil."
+            ])
+        self.bank = PromptBank(self.backbone, scenario)
+        return scenario
+
+    def begin_task(self, task: Task) -> None:
+        """Residual pools for the task, then its Gaussian before any training step (spec §4.1)."""
+        while self.model.num_tasks <= task.index:
+            self.model.add_task()
+        if task.index not in self.stats:
+            for f, _ in extract_features(self.backbone.features, task.train_plain, self.rt,
+                                         description=f"Gaussian {task.name}"):
+                self.stats.update(f, torch.full((f.shape[0],), task.index, dtype=torch.long, device=f.device))
+            self.stats.finalize()
+
+    def make_optimizer(self, params: list[torch.nn.Parameter], steps_per_epoch: int):
+        """SGD over the current task's residuals only, with the per-step cosine from ``lr`` to
+        ``final_lr_ratio``·lr over ``epochs``·``steps_per_epoch`` steps (spec §5.1)."""
+        o = self.optim
+        opt = optim_lib.sgd([(params, float(o.lr.representation))], momentum=o.momentum, weight_decay=o.weight_decay)
+        sched = optim_lib.scheduler(opt, o.schedule, o.epochs, steps_per_epoch, milestones=o.milestones,
+                                    gamma=o.gamma, final_lr_ratio=o.final_lr_ratio)
+        return opt, sched
+
+    def train_task(self, task: Task) -> None:
+        o, rt, t = self.optim, self.rt, task.index
+        self._text_cache = {k: v for k, v in self._text_cache.items() if k[1] is None}  # keep zero-shot only
+        self.model.pools.freeze_all_but(t)
+        params = self.model.residual_parameters(t)
+        loader = rt.loader(task.train, o.batch_size, shuffle=True)
+        opt, sched = self.make_optimizer(params, len(loader))
+        tokens = self.bank.tokens(task.labels, rt.device)
+        start, scale = task.labels.start, self.model.logit_scale
+
+        def step(x, y):
+            # Oracle task, weight 1 (None); the frozen-feature pass of the reference is skipped (§7 item 1).
+            img = self.model.encode_image(x, task=t)
+            txt = self.model.encode_text(tokens, task=t)  # with gradient: re-encoded every step (§7 item 7)
+            return F.cross_entropy(cosine_logits(img, txt, scale), y - start)
+
+        use_val = self.select_best_on_val and task.val is not None and len(task.val) > 0
+        record = {"task": t, "name": task.name, "lr_start": opt.param_groups[0]["lr"], "train_loss": [],
+                  "val_acc": [], "best_epoch": None}
+        best_acc, best_state = -1.0, None
+        for epoch in range(o.epochs):
+            # One epoch per fit() call so that validation can run between epochs; the per-step
+            # schedule lives in `sched` and continues across calls.
+            record["train_loss"] += fit(step, loader, epochs=1, optimizer=opt, scheduler=sched, rt=rt,
+                                        where=f"task {t} ({task.name}) [{epoch + 1}/{o.epochs}]",
+                                        num_classes=task.num_classes)
+            if use_val:
+                acc = self._oracle_accuracy(task, task.val)
+                record["val_acc"].append(acc)
+                if acc > best_acc:  # strictly better: the earliest of equal epochs is kept
+                    best_acc, record["best_epoch"] = acc, epoch
+                    best_state = [p.detach().clone() for p in params]
+                log.info("task %d (%s) epoch %d/%d: val acc %.2f", t, task.name, epoch + 1, o.epochs, acc)
+        if best_state is not None and record["best_epoch"] != o.epochs - 1:
+            with torch.no_grad():
+                for p, b in zip(params, best_state):
+                    p.copy_(b)
+            log.info("task %d (%s): restored the best val epoch %d (%.2f%%)", t, task.name,
+                     record["best_epoch"] + 1, best_acc)
+        record["lr_end"] = opt.param_groups[0]["lr"]  # after the last step: final_lr_ratio·lr
+        self.model.pools.freeze_all_but(None)
+        self.history.append(record)
+
+    def end_task(self, task: Task) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        dataset = self.bank.task_of(candidates)
+        tokens = self.bank.tokens(candidates, self.rt.device)
+        scale = self.model.logit_scale
+        learned = self.stats.keys
+        if not learned:  # nothing learned yet: the model is zero-shot CLIP (the reference crashes, §8 item 13)
+            return cosine_logits(self.backbone.features(images), self._text(dataset, tokens, None, 0.0), scale)
+        frozen = self.backbone.features(images).float()
+        tasks, _, w = calibrate(self.stats, frozen, learned, self.calibration["scale"], self.calibration["shift"])
+        if self.calibration["task_select"] == "batch":
+            k = majority_task(tasks)
+            img = self.model.encode_image(images, task=k, weight=w)  # per-sample vision weight
+            return cosine_logits(img, self._text(dataset, tokens, k, w.mean()), scale)  # batch-mean text weight
+        logits = torch.empty(images.shape[0], tokens.shape[0], device=images.device, dtype=torch.float32)
+        for k in torch.unique(tasks).tolist():  # group the samples by their own task
+            idx = torch.nonzero(tasks == k).squeeze(1)
+            img = self.model.encode_image(images[idx], task=k, weight=w[idx]).float()
+            txt = self._per_sample_text(dataset, tokens, k, w[idx]).float()  # [n, C, D]
+            logits[idx] = scale * torch.einsum("nd,ncd->nc", img, txt)
+        return logits
+
+    # ------------------------------------------------------------------ helpers
+    def _text(self, dataset: int, tokens: torch.Tensor, task: int | None, weight) -> torch.Tensor:
+        """Text features of ``dataset``'s prompts with ``task``'s residual scaled by the scalar
+        ``weight``; cached only where reuse is exact (weight 0 = zero-shot CLIP, weight exactly 1)."""
+        w = float(weight)
+        if task is None or w == 0.0:
+            key = (dataset, None)
+        elif w == 1.0:
+            key = (dataset, task)
+        else:
+            return self.model.encode_text(tokens, task=task, weight=weight)
+        if key not in self._text_cache:
+            self._text_cache[key] = self.model.encode_text(tokens, task=key[1], weight=None if key[1] is None else 1.0)
+        return self._text_cache[key]
+
+    def _per_sample_text(self, dataset: int, tokens: torch.Tensor, task: int, weights: torch.Tensor) -> torch.Tensor:
+        """``[n, C, D]``: for sample b, the dataset's C prompt features with ``task``'s text residual
+        scaled by the sample's own w_b (``task_select: sample``). Each distinct weight is encoded once;
+        several weights share one text-tower call (one weight per prompt row)."""
+        n_cls = tokens.shape[0]
+        uniq, inverse = torch.unique(weights, return_inverse=True)
+        feats: list[torch.Tensor | None] = [None] * len(uniq)
+        rest = []
+        for j, w in enumerate(uniq.tolist()):
+            if w in (0.0, 1.0):
+                feats[j] = self._text(dataset, tokens, task, w)
+            else:
+                rest.append(j)
+        per_call = max(1, MAX_PROMPTS_PER_PASS // n_cls)
+        for s in range(0, len(rest), per_call):
+            chunk = rest[s : s + per_call]
+            wc = uniq[chunk].repeat_interleave(n_cls)  # prompt row j*C + c gets weight j
+            out = self.model.encode_text(tokens.repeat(len(chunk), 1), task=task, weight=wc)
+            for j, f in zip(chunk, out.view(len(chunk), n_cls, -1)):
+                feats[j] = f
+        return torch.stack(feats)[inverse]
+
+    @torch.inference_mode()
+    def _oracle_accuracy(self, task: Task, dataset) -> float:
+        """Top-1 (%) on ``dataset`` with the oracle task and weight 1; never calls the Gaussian (§5.1)."""
+        t = task.index
+        txt = self.model.encode_text(self.bank.tokens(task.labels, self.rt.device), task=t)
+        correct = total = 0
+        for x, y in self.rt.loader(dataset, self.rt.eval_batch_size, shuffle=False):
+            with self.rt.autocast():
+                logits = cosine_logits(self.model.encode_image(x.to(self.rt.device), task=t), txt, 1.0)
+            correct += int((logits.argmax(1).cpu() + task.labels.start == y).sum())
+            total += len(y)
+        return 100.0 * correct / max(total, 1)
+
+    # ------------------------------------------------------------------ persistence and facts
+    def state_dict(self) -> dict:
+        return {
+            "num_tasks": self.model.num_tasks,
+            "pools": self.model.pools.state_dict(),
+            "stats": self.stats.state_dict(),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        while self.model.num_tasks < state["num_tasks"]:
+            self.model.add_task()
+        self.model.pools.load_state_dict(state["pools"])
+        self.model.pools.freeze_all_but(None)
+        self.stats.load_state_dict(state["stats"])
+        self.history = list(state["history"])
+        self._text_cache.clear()
+
+    def summary(self) -> dict:
+        pools = self.model.pools
+        per_task = self.model.num_residual_parameters_per_task
+        clip = sum(p.numel() for p in self.backbone.model.parameters())
+        names = {r["task"]: r["name"] for r in self.history}
+        return {
+            "residual_parameters_per_task": {names.get(t, str(t)): per_task for t in range(pools.num_tasks)},
+            "residual_parameters_total": per_task * pools.num_tasks,
+            "clip_parameters": clip,
+            "residual_fraction_of_clip": per_task * pools.num_tasks / clip,
+            "depth_vision": pools.depths["vision"],
+            "depth_text": pools.depths["text"],
+            "n_tokens": pools.n_tokens["vision"],
+            "param_dtype": self.param_dtype,
+            "calibration": dict(self.calibration),
+            "tasks": [{k: v for k, v in r.items()} for r in self.history],
+            "covariance_jitter": {str(k): v for k, v in self.stats.jitter.items()},
+        }

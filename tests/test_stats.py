@@ -1,0 +1,107 @@
+"""GaussianStats against torch.cov / MultivariateNormal (SLCA §5.2, §10; DIKI §4)."""
+import math
+
+import torch
+
+from clcli.stats import GaussianStats
+
+
+def _data(n=300, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g)
+    x = torch.randn(n, d, generator=g) @ A.T + torch.arange(d, dtype=torch.float32)
+    return x
+
+
+def test_streaming_stats_equal_torch_cov_plus_ridge():
+    x = _data()
+    keys = torch.tensor([0, 1, 2]).repeat(100)
+    s = GaussianStats(6, ridge=1e-4, cov_dtype=torch.float64)
+    for chunk in range(0, 300, 64):  # several batches, mixed keys
+        s.update(x[chunk:chunk + 64], keys[chunk:chunk + 64])
+    s.finalize()
+    for k in range(3):
+        xk = x[keys == k].double()
+        ref = torch.cov(xk.T) + 1e-4 * torch.eye(6, dtype=torch.float64)
+        assert torch.allclose(s.mean[k], xk.mean(0), atol=1e-10)
+        assert torch.allclose(s.cov[k], ref, atol=1e-9)
+        assert torch.equal(s.cov[k], s.cov[k].T)
+
+
+def test_default_cov_is_float32_and_pd_with_fewer_samples_than_dims():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 32, generator=g)  # N < D: singular sample covariance
+    s = GaussianStats(32, ridge=1e-4)
+    s.update(x, torch.zeros(10, dtype=torch.long))
+    s.finalize()
+    assert s.cov[0].dtype == torch.float32
+    torch.linalg.cholesky(s.cov[0].double())  # positive definite thanks to the ridge
+
+
+def test_old_keys_never_recomputed():
+    x = _data()
+    s = GaussianStats(6, ridge=1e-4)
+    s.update(x[:100], torch.zeros(100, dtype=torch.long))
+    s.finalize()
+    mean0, cov0 = s.mean[0].clone(), s.cov[0].clone()
+    s.update(x[100:], torch.ones(200, dtype=torch.long))
+    s.finalize()
+    assert torch.equal(s.mean[0], mean0) and torch.equal(s.cov[0], cov0)
+    assert s.keys == [0, 1]
+
+
+def test_samples_match_target_moments_and_mean_scale():
+    x = _data(n=400)
+    s = GaussianStats(6, ridge=1e-4)
+    s.update(x, torch.zeros(400, dtype=torch.long))
+    s.update(x[:200] * 2, torch.ones(200, dtype=torch.long))
+    s.finalize()
+    g = torch.Generator().manual_seed(0)
+    feats, labels = s.sample([0, 1], 20000, mean_scale=torch.tensor([1.0, 0.5]), generator=g)
+    assert feats.shape == (40000, 6) and labels.tolist()[:1] == [0] and labels.tolist()[-1] == 1
+    for k, scale in ((0, 1.0), (1, 0.5)):
+        fk = feats[labels == k].double()
+        target_mean = s.mean[k] * scale
+        sd = s.cov[k].double().diagonal().sqrt()
+        assert ((fk.mean(0) - target_mean).abs() < 4 * sd / math.sqrt(20000)).all()
+        rel = (torch.cov(fk.T) - s.cov[k].double()).abs().max() / s.cov[k].double().abs().max()
+        assert rel < 0.05
+    # same distribution as the reference's MultivariateNormal: compare moments of both samplers
+    mvn = torch.distributions.MultivariateNormal(s.mean[0].float(), s.cov[0])
+    ref = mvn.sample((20000,)).double()
+    assert (ref.mean(0) - feats[labels == 0].double().mean(0)).abs().max() < 0.2
+    assert (torch.cov(ref.T) - torch.cov(feats[labels == 0].double().T)).abs().max() / s.cov[0].abs().max() < 0.06
+
+
+def test_log_prob_matches_multivariate_normal():
+    x = _data(n=200)
+    s = GaussianStats(6, ridge=1e-7)
+    s.update(x, torch.tensor([0, 1]).repeat(100))
+    s.finalize()
+    q = _data(n=17, seed=3)
+    lp = s.log_prob(q, [0, 1])
+    for j, k in enumerate([0, 1]):
+        ref = torch.distributions.MultivariateNormal(s.mean[k], s.cov[k].double()).log_prob(q.double())
+        assert torch.allclose(lp[:, j], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_near_singular_covariance_gets_jitter_not_a_crash():
+    s = GaussianStats(8, ridge=0.0)
+    x = torch.zeros(5, 8)
+    x[:, 0] = torch.arange(5.0)  # rank-1 covariance, ridge 0: Cholesky fails without jitter
+    s.update(x, torch.zeros(5, dtype=torch.long))
+    s.finalize()
+    assert 0 in s.jitter and s.jitter[0] > 0
+    feats, _ = s.sample([0], 10)
+    assert torch.isfinite(feats).all()
+
+
+def test_state_dict_roundtrip():
+    x = _data()
+    s = GaussianStats(6, ridge=1e-4)
+    s.update(x, torch.tensor([0, 1, 2]).repeat(100))
+    s.finalize()
+    t = GaussianStats(6, ridge=0.5)
+    t.load_state_dict(s.state_dict())
+    assert t.ridge == 1e-4 and t.keys == [0, 1, 2]
+    assert torch.equal(t.cholesky([0, 1, 2]), s.cholesky([0, 1, 2]))
