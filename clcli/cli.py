@@ -2,7 +2,6 @@
 ``data`` are plain argparse commands."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -66,16 +65,19 @@ def _validate(cfg):
 
 
 def _guarded(fn):
-    """Print a ClcliError as one paragraph and exit 2 (traceback only with HYDRA_FULL_ERROR=1)."""
+    """Print a ClcliError as one paragraph and exit 2 (traceback only with HYDRA_FULL_ERROR=1).
+    Hydra wraps errors raised while instantiating a config; the cause chain is searched."""
     from clcli.errors import ClcliError
 
     try:
         return fn()
-    except ClcliError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as exc:
+        err: BaseException | None = exc
+        while err is not None and not isinstance(err, ClcliError):
+            err = err.__cause__ or err.__context__
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        logging.getLogger("clcli").error("%s", exc)
-        print(f"clcli: error: {exc}", file=sys.stderr)
+        print(f"clcli: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

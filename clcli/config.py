@@ -48,6 +48,8 @@ def check_config(cfg: DictConfig) -> list[str]:
     _num(cfg, "train_seed", problems, minimum=0, integer=True)
     _num(cfg, "loader.num_workers", problems, minimum=0, integer=True)
     _num(cfg, "eval.batch_size", problems, minimum=1, integer=True)
+    _num(cfg, "guard.max_loss_factor", problems, minimum=1)
+    _num(cfg, "guard.chance_loss_ratio", problems, minimum=0)
     if cfg.checkpoint.keep not in ("all", "last"):
         problems.append(f"checkpoint.keep: expected all or last, got '{cfg.checkpoint.keep}'.")
 

@@ -45,6 +45,7 @@ class Runtime:
     eval_batch_size: int = 256
     amp_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
     max_loss_factor: float = 10.0  # loss above factor·max(first loss, ln C) counts as divergence
+    chance_loss_ratio: float = 0.9  # final epoch loss above ratio·ln C: the task did not learn
     console: Console = field(default_factory=lambda: Console(stderr=True))
     progress: Progress | None = None
 
@@ -89,10 +90,11 @@ class Runtime:
 
 
 class LossGuard:
-    """Stops training whose loss is non-finite or exploding (diverged training is not forgetting)."""
+    """Stops training whose loss is non-finite or exploding, or that never leaves chance level:
+    collapsed training is a failed optimization, not the forgetting the papers measure."""
 
-    def __init__(self, where: str, num_classes: int, factor: float):
-        self.where, self.factor = where, factor
+    def __init__(self, where: str, num_classes: int, factor: float, chance_ratio: float = 0.9):
+        self.where, self.factor, self.chance_ratio = where, factor, chance_ratio
         self.floor = math.log(max(num_classes, 2))
         self.first: float | None = None
 
@@ -108,13 +110,26 @@ class LossGuard:
                 "optim.lr.classifier, or check the data. Checkpoints of finished tasks are kept."
             )
 
+    def check_learned(self, final_epoch_loss: float) -> None:
+        """CE at chance level is ln C: a task still there after its last epoch predicts (nearly)
+        the same class everywhere."""
+        limit = self.chance_ratio * self.floor
+        if self.chance_ratio > 0 and final_epoch_loss > limit:
+            raise DivergenceError(
+                f"Training collapsed in {self.where}: the last epoch's mean loss {final_epoch_loss:.4g} is at "
+                f"chance level (ln C = {self.floor:.4g}; limit {limit:.4g} = guard.chance_loss_ratio x ln C), so "
+                "the model predicts (nearly) one class everywhere. This is a failed optimization, not "
+                "forgetting: lower optim.lr.representation / optim.lr.classifier or train longer "
+                "(optim.epochs). Checkpoints of finished tasks are kept; set guard.chance_loss_ratio=0 to disable."
+            )
+
 
 def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
         train_mode: Callable[[], None] | None = None) -> list[float]:
     """Run ``epochs`` of ``loss = step(x, y)``, backward, optimizer step; schedule per epoch or per
     step (``scheduler.per_step``). Returns the mean loss of every epoch."""
-    guard = LossGuard(where, num_classes, rt.max_loss_factor)
+    guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
     history = []
     for epoch in rt.track(range(epochs), f"{where} epochs"):
         if train_mode is not None:
@@ -137,6 +152,8 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
         history.append(total / max(count, 1))
         log.info("%s epoch %d/%d: loss %.4f", where, epoch + 1, epochs, history[-1])
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; no stale grads leak into the next task
+    if history:
+        guard.check_learned(history[-1])
     return history
 
 

@@ -13,23 +13,40 @@ What it does, in order:
    these keys stops the command with exit code 2 and names the file.
 2. **Group.** Runs whose ``run`` choices and ``config`` are identical except for the keys that only
    name the repetition or the machine form one group (one table row). Ignored: ``seed`` and
-   ``train_seed``, ``device``, ``resume``, ``paths``, ``loader``, ``checkpoint``, ``eval``,
-   ``precision`` is *kept* (it changes numerics); the ``paper`` block (metadata); the ``sweep``
-   choice (which preset launched the run); and any leaf whose name ends in ``seed`` and whose value
-   equals the run's ``seed`` (interpolations such as ``data.class_order_seed: ${seed}``).
+   ``train_seed``; ``device``, ``resume``, ``paths``, ``loader``, ``checkpoint``, ``eval``, ``guard``
+   (where and how safely it ran; ``precision`` is kept: it changes numerics); the ``paper`` block
+   (metadata); the ``sweep`` choice (which preset launched the run); and any leaf whose name ends in
+   ``seed`` and whose value equals the run's ``seed`` (interpolations such as
+   ``data.class_order_seed: ${seed}``).
 3. **Summarise.** Per group and headline metric: mean, *sample* standard deviation (``ddof=1``) and
    ``n`` (runs with a value). With ``n = 1`` the std is undefined and shown as ``–`` (empty in CSV),
-   never as a misleading 0. Headline metrics: class-incremental (SLCA, arXiv 2303.05118 §4):
-   ``last_acc``, ``inc_acc``, ``forgetting``; MTIL (ZSCL/DIKI, arXiv 2303.06628 / 2407.05342):
-   ``transfer``, ``avg``, ``last``, plus a per-dataset table.
+   never as a misleading 0. Headline metrics: class-incremental (SLCA, arXiv 2303.05118; spec
+   slca.md §6): ``last_acc``, ``inc_acc``, ``forgetting``; MTIL (ZSCL's definitions, used by DIKI,
+   arXiv 2407.05342; spec diki_mtil.md §2): ``transfer``, ``avg``, ``last``, plus a per-dataset table.
 4. **Compare.** When the group's runs carry a ``paper`` block (written from the experiment file's
    ``paper:`` key), the paper value and ``Δ = ours − paper`` stand beside each metric; values listed
    in ``paper.unverified`` are marked ``*``; sources and notes are printed under the table.
 
 Row labels: the run choices that vary between groups (an ``experiment`` name replaces the choices
-it determines), plus the config values that differ between groups with the same choices (e.g.
+it determines; ``optim`` is left out where it equals ``data``, the default), plus the config values that differ between groups with the same choices (e.g.
 ``optim.lr.representation=0.001`` in a learning-rate sweep). Choices shared by every group go into
 the table title.
+
+The ``paper:`` block of an experiment file (conf/experiment/*/*.yaml)::
+
+    paper:
+      last_acc: 91.53        # keys = our metric names; null = not available here
+      inc_acc: 94.09
+      unverified: [inc_acc]  # values no accessible source confirms (printed with *)
+      source: "..."          # where each number comes from
+      note: "..."            # caveats, or what to transcribe from which paper
+      per_dataset:           # MTIL only: lists in training order (matched by position)
+        datasets: [...]
+        transfer: [null, 88.4, ...]
+
+Outputs: the rich table(s) on stdout; ``--format``/``--output``: markdown, LaTeX (booktabs
+``tabular``) or CSV (one row per group, raw numbers, ``_mean/_std/_n/_paper/_diff`` columns);
+``--plot``: bars of the headline metrics with std error bars plus accuracy curves (Agg backend).
 """
 from __future__ import annotations
 
@@ -39,6 +56,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +73,7 @@ KIND_TITLE = {"class_incremental": "Class-incremental", MTIL_KIND: "MTIL"}
 
 # Config keys that say *where/how* a run ran or *which repetition* it is, not *what* was run.
 IGNORED_CONFIG_KEYS = {"seed", "train_seed", "device", "resume", "paths", "loader", "checkpoint", "eval",
-                       "paper", "hydra"}
+                       "guard", "paper", "hydra"}
 IGNORED_CHOICES = {"sweep"}  # the preset that launched a run does not change it
 CHOICE_ORDER = ("experiment", "method", "data", "backbone", "optim")
 
@@ -249,23 +267,10 @@ class Group:
             return np.array([]), np.array([])
         width = max(len(c) for c in curves)
         arr = np.array([c + [np.nan] * (width - len(c)) for c in curves], dtype=float)
-        with np.errstate(invalid="ignore"), warnings_off():
+        with warnings.catch_warnings():  # an all-NaN column (missing point) stays NaN, silently
+            warnings.simplefilter("ignore", RuntimeWarning)
             std = np.nanstd(arr, axis=0, ddof=1) if len(curves) > 1 else np.zeros(width)
             return np.nanmean(arr, axis=0), np.nan_to_num(std)
-
-
-class warnings_off:
-    """Silence numpy's all-NaN-slice warnings inside a block (a missing curve point stays NaN)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def _canon(v: Any) -> str:
@@ -299,20 +304,17 @@ def _choice_keys(groups: list[Group]) -> list[str]:
 
 
 def varying_choices(groups: list[Group]) -> list[str]:
-    """Choices that differ between groups, minus those an experiment name already determines and
-    ``optim`` where it simply follows ``data`` (the primary default ``optim: ${data}``)."""
-    keys = [k for k in _choice_keys(groups) if len({g.choices.get(k) for g in groups}) > 1]
-    if "experiment" in keys:
-        def determined(k: str) -> bool:
-            by_exp: dict[Any, set] = {}
-            for g in groups:
-                by_exp.setdefault(g.choices.get("experiment"), set()).add(g.choices.get(k))
-            return None not in by_exp and all(len(v) == 1 for v in by_exp.values())
+    """Choices that differ between groups (candidates for the row labels)."""
+    return [k for k in _choice_keys(groups) if len({g.choices.get(k) for g in groups}) > 1]
 
-        keys = [k for k in keys if k == "experiment" or not determined(k)]
-    if "optim" in keys and all(g.choices.get("optim") == g.choices.get("data") for g in groups):
-        keys.remove("optim")
-    return keys
+
+def _determined_by_experiment(groups: list[Group], key: str) -> bool:
+    """True when every experiment name maps to one value of ``key`` (the name already says it)."""
+    by_exp: dict[Any, set] = {}
+    for g in groups:
+        if g.choices.get("experiment") is not None:
+            by_exp.setdefault(g.choices["experiment"], set()).add(g.choices.get(key))
+    return bool(by_exp) and all(len(v) == 1 for v in by_exp.values())
 
 
 def common_choices(groups: list[Group]) -> dict[str, str]:
@@ -325,6 +327,7 @@ def _label(groups: list[Group]) -> None:
     """Readable, unique labels: varying choices + config values that differ among siblings (groups
     with the same choices, e.g. the points of a learning-rate sweep)."""
     shown = varying_choices(groups)
+    implied = {k for k in shown if k != "experiment" and _determined_by_experiment(groups, k)}
     siblings: dict[str, list[Group]] = {}
     for g in groups:
         siblings.setdefault(_canon(g.choices), []).append(g)
@@ -337,8 +340,11 @@ def _label(groups: list[Group]) -> None:
         parts = []
         for k in shown:
             v = g.choices.get(k)
-            if v is not None:
-                parts.append(str(v) if k == "experiment" else f"{k}={v}")
+            if v is None or (k in implied and g.choices.get("experiment") is not None):
+                continue  # an experiment name already says which method/data/backbone it uses
+            if k == "optim" and v == g.choices.get("data"):
+                continue  # the default `optim: ${data}`: nothing to tell
+            parts.append(str(v) if k == "experiment" else f"{k}={v}")
         parts += [f"{k}={_fmt_value(v)}" for k, v in g.config_diff.items()]
         if not parts:  # a single group, or groups told apart by nothing shown: name the run itself
             parts = [str(g.choices[k]) for k in ("experiment", "method", "data", "backbone") if g.choices.get(k)]
@@ -402,10 +408,12 @@ def _paper_notes(groups: list[Group]) -> list[str]:
     return notes
 
 
+STAT_NOTE = f"mean ± sample std (ddof=1) over seeds; n = runs with a value; std {DASH} when n = 1."
+
+
 def _title(kind: str, groups: list[Group]) -> str:
     common = " ".join(f"{k}={v}" for k, v in common_choices(groups).items())
-    return (f"{KIND_TITLE.get(kind, kind)} results: mean ± sample std (ddof=1) over seeds, n = runs; "
-            f"std '{DASH}' when n = 1" + (f" [{common}]" if common else ""))
+    return f"{KIND_TITLE.get(kind, kind)} results" + (f" [{common}]" if common else "")
 
 
 def headline_table(groups: list[Group], kind: str) -> TextTable:
@@ -429,7 +437,7 @@ def headline_table(groups: list[Group], kind: str) -> TextTable:
                 p = g.paper_value(m)
                 row += [_paper_cell(g, m), DASH if p is None or s.mean is None else _signed(s.mean - p)]
         rows.append(row)
-    return TextTable(_title(kind, gs), header, rows, _paper_notes(gs))
+    return TextTable(_title(kind, gs), header, rows, [STAT_NOTE, *_paper_notes(gs)])
 
 
 def per_dataset_tables(groups: list[Group]) -> list[TextTable]:
@@ -467,13 +475,15 @@ def build_tables(groups: list[Group]) -> list[TextTable]:
 
 def render_rich(tables: list[TextTable], console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
+    # Text(), not str: labels such as `optim.milestones=[18]` would otherwise be read as rich markup
     for t in tables:
-        rt = Table(title=t.title, title_justify="left")
+        rt = Table(title=Text(t.title), title_justify="left")
         for i, h in enumerate(t.header):
-            rt.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
+            rt.add_column(Text(h), justify="left" if i < 2 else "right", overflow="fold")
         for i, row in enumerate(t.rows):
-            rt.add_row(*row, end_section=(i + 1) in t.sections)
+            rt.add_row(*map(Text, row), end_section=(i + 1) in t.sections)
         console.print(rt)
         for n in t.notes:
             console.print(f"  {n}", markup=False, highlight=False)
@@ -504,11 +514,16 @@ def latex_escape(s: str) -> str:
     return s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(DASH, "--").replace("§", r"\S{}")
 
 
+def _latex_comment(s: str) -> str:
+    """Comments stay plain ASCII-ish so that any LaTeX engine reads the file."""
+    return s.replace("±", "+/-").replace("Δ", "diff").replace(DASH, "--").replace("\n", " ")
+
+
 def render_latex(tables: list[TextTable]) -> str:
     """One booktabs ``tabular`` per table (``\\usepackage{booktabs}``); notes as LaTeX comments."""
     out = []
     for t in tables:
-        out += [f"% {t.title}", "% requires \\usepackage{booktabs}",
+        out += [f"% {_latex_comment(t.title)}", "% requires \\usepackage{booktabs}",
                 "\\begin{tabular}{ll" + "r" * (len(t.header) - 2) + "}", "\\toprule",
                 " & ".join(latex_escape(h) for h in t.header) + " \\\\", "\\midrule"]
         for i, row in enumerate(t.rows):
@@ -516,7 +531,7 @@ def render_latex(tables: list[TextTable]) -> str:
                 out.append("\\midrule")
             out.append(" & ".join(latex_escape(c) for c in row) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}"]
-        out += [f"% {n}" for n in t.notes]
+        out += [f"% {_latex_comment(n)}" for n in t.notes]
         out.append("")
     return "\n".join(out)
 
@@ -583,10 +598,11 @@ def write_plot(groups: list[Group], path: Path) -> None:
     so it works headless; the format follows the file suffix (png, pdf, svg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     kinds = sorted({g.kind for g in groups}, key=lambda k: (k == MTIL_KIND, k))
     n_max = max(sum(g.kind == k for g in groups) for k in kinds)
-    height = max(3.0, 0.28 * n_max * 2 + 1.5)
+    height = max(3.5, 0.25 * n_max * 3 + 1.5)
     fig = Figure(figsize=(14, height * len(kinds)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(kinds), 2, squeeze=False, gridspec_kw={"width_ratios": [1.2, 1]})
@@ -598,7 +614,7 @@ def write_plot(groups: list[Group], path: Path) -> None:
         h = 0.8 / max(1, len(metrics))
         for j, m in enumerate(metrics):
             st = [g.stat(m) for g in gs]
-            pos = y + (j - (len(metrics) - 1) / 2) * h
+            pos = y + ((len(metrics) - 1) / 2 - j) * h  # first metric on top within a group
             ax.barh(pos, [s.mean if s.mean is not None else 0 for s in st], height=h,
                     xerr=[s.std or 0 for s in st], capsize=2, label=m)
             paper = [g.paper_value(m) for g in gs]
@@ -609,7 +625,7 @@ def write_plot(groups: list[Group], path: Path) -> None:
         ax.set_xlabel("%")
         ax.set_title(f"{KIND_TITLE.get(kind, kind)}: mean ± sample std over seeds", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
         ax = axes[r, 1]
         for g in gs[::-1]:
             mean, std = g.curve()
@@ -618,6 +634,7 @@ def write_plot(groups: list[Group], path: Path) -> None:
                 ax.plot(x, mean, marker="o", markersize=3, label=g.label)
                 ax.fill_between(x, mean - std, mean + std, alpha=0.15)
         ax.set_xlabel("after task")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy on seen classes (%)" if kind != MTIL_KIND else "mean accuracy, all datasets (%)")
         ax.grid(alpha=0.3)
         if len(gs) <= 16:
@@ -641,12 +658,12 @@ def _parser() -> argparse.ArgumentParser:
                     "numbers and the difference beside them.",
         epilog="std is shown as '–' (empty in CSV) when a group has a single run. Exit code 2: no results "
                "under DIR or an invalid results file (named).")
-    p.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
+    p.add_argument("dir", metavar="DIR", type=Path, help="a run or sweep directory (searched recursively)")
     p.add_argument("--format", choices=("md", "csv", "latex"),
                    help="write the table in this format: to --output if given, else to stdout instead of the "
                         "rich table (default with --output: from its suffix .md/.csv/.tex)")
-    p.add_argument("--output", type=Path, help="file for the --format table")
-    p.add_argument("--plot", type=Path, help="comparison plot (png/pdf/svg): metric bars with std error bars and "
+    p.add_argument("--output", metavar="FILE", type=Path, help="file for the --format table")
+    p.add_argument("--plot", metavar="FILE", type=Path, help="comparison plot (png/pdf/svg): metric bars with std error bars and "
                                              "accuracy curves per group")
     return p
 

@@ -34,7 +34,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     t0 = time.perf_counter()
     rt = Runtime(device=resolve_device(cfg.device), num_workers=cfg.loader.num_workers,
                  eval_batch_size=cfg.eval.batch_size, amp_dtype=PRECISIONS[cfg.precision],
-                 max_loss_factor=cfg.guard.max_loss_factor)
+                 max_loss_factor=cfg.guard.max_loss_factor, chance_loss_ratio=cfg.guard.chance_loss_ratio)
     train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
     seed_everything(train_seed)  # model construction (fresh norms, heads) is seeded too
     backbone = instantiate(cfg.backbone)

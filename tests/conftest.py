@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait ~47 s on an unreachable hub
+# Tiny models gain nothing from intra-op threads; several processes x threads oversubscribe 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"

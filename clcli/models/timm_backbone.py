@@ -49,8 +49,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BackboneError(
-            f"backbone.checkpoint_path: '{p}' is not a loadable weights file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Only plain tensor state dicts are accepted "
+            f"backbone.checkpoint_path: '{p}' is not a loadable weights file ({type(exc).__name__}). "
+            "Only plain tensor state dicts are accepted "
             "(loaded with weights_only=True so that no code runs from the file)."
         ) from exc
     for key in ("model", "state_dict"):

@@ -1,0 +1,317 @@
+"""DIKI, the CLIP baselines and the MTIL configs (spec diki_mtil.md §2, §4, §5, §12).
+
+DIKI: Tang et al., ECCV 2024, arXiv 2407.05342. Everything runs on the random-init ``tiny-clip`` and
+generated data (``data=synthetic_mtil``) on CPU in seconds; the real MTIL configs are only composed and
+validated (no weights, no images).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from the tests
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from clcli.config import check_config
+from clcli.data import mtil
+from clcli.data.mtil_data import FewShotView, MTILData, SyntheticMTILData
+from clcli.data.synthetic import SyntheticSource
+from clcli.engine import Runtime
+from clcli.errors import ConfigError, DataError
+from clcli.evaluation import mtil_metrics
+from clcli.methods.clip_baselines import ZeroShotCLIP, clip_backbone
+from clcli.methods.diki import DIKI, calibrate, calibration_weight, majority_task
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+OPTIM = {  # conf/optim/mtil.yaml with a short schedule
+    "name": "sgd", "lr": {"representation": 5.0, "classifier": 5.0}, "momentum": 0.0, "weight_decay": 0.0,
+    "epochs": 1, "batch_size": 32, "schedule": "cosine_steps", "milestones": [], "gamma": 0.1,
+    "final_lr_ratio": 1.0e-3,
+}
+
+
+def optim_cfg(**kw):
+    return OmegaConf.create({**OPTIM, **kw})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: intra-op threads only add spin-waiting (measured ~4x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return clip_backbone(model_name="tiny-clip", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def scenario(backbone):
+    return SyntheticMTILData().build(backbone)
+
+
+def make_diki(backbone, scenario, **kw) -> DIKI:
+    kw.setdefault("optim", optim_cfg())
+    method = DIKI(backbone=backbone, runtime=Runtime(), **kw)
+    method.prepare_scenario(scenario)
+    return method
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+# ------------------------------------------------------------------ calibration (spec §4, §12)
+
+
+def test_calibration_weight_formula():
+    w = calibration_weight(torch.tensor([512.0, 0.0, -1e6, 1024.0], dtype=torch.float64))
+    assert w[0].item() == pytest.approx(0.5, abs=1e-12)
+    assert w[1].item() == pytest.approx(1 / (1 + math.e), abs=1e-12)  # 0.2689
+    assert round(w[1].item(), 4) == 0.2689
+    assert w[2].item() == 0.0 and w[3].item() == pytest.approx(1 / (1 + math.exp(-1)))
+    s = torch.linspace(-3000, 3000, 101, dtype=torch.float64)
+    assert (calibration_weight(s).diff() >= 0).all()  # monotone
+    assert calibration_weight(torch.tensor(100.0), scale=100.0, shift=0.0).item() == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_gaussian_log_prob_equals_multivariate_normal(backbone, scenario):
+    method = make_diki(backbone, scenario)
+    method.begin_task(scenario.tasks[0])  # fits task 0's Gaussian on frozen normalised features
+    method.begin_task(scenario.tasks[1])
+    stats = method.stats
+    assert stats.keys == [0, 1] and stats.ridge == 1e-7
+    x = torch.stack([backbone.features(scenario.tasks[i].test[j][0][None])[0] for i in (0, 1, 2) for j in (0, 5)])
+    ours = stats.log_prob(x.double(), [0, 1])
+    for k in (0, 1):
+        ref = torch.distributions.MultivariateNormal(stats.mean[k], covariance_matrix=stats.cov[k].double())
+        torch.testing.assert_close(ours[:, k], ref.log_prob(x.double()), rtol=1e-9, atol=1e-6)
+
+
+def test_majority_vote_and_per_sample_weights(backbone, scenario, monkeypatch):
+    assert majority_task(torch.tensor([2, 0, 2, 1, 2, 0])) == 2
+    assert majority_task(torch.tensor([1, 0, 0, 1])) == 0  # a tie goes to the lowest task id
+
+    method = make_diki(backbone, scenario)
+    for t in scenario.tasks:
+        method.model.add_task()
+    scores = torch.tensor([[900.0, 100.0, 50.0],   # votes 0
+                           [10.0, 700.0, 20.0],    # votes 1
+                           [0.0, 512.0, -9.0],     # votes 1
+                           [-50.0, -60.0, 200.0],  # votes 2
+                           [1.0, 300.0, 2.0]],     # votes 1
+                          dtype=torch.float64)
+
+    class FakeStats:
+        keys = [0, 1, 2]
+
+        def log_prob(self, x, keys):
+            assert keys == [0, 1, 2]
+            return scores
+
+    method.stats = FakeStats()
+    tasks, best, w = calibrate(method.stats, torch.zeros(5, 4), [0, 1, 2], 512.0, 1.0)
+    assert tasks.tolist() == [0, 1, 1, 2, 1]
+    expected_w = torch.sigmoid(torch.tensor([900.0, 700.0, 512.0, 200.0, 300.0]) / 512 - 1)
+    torch.testing.assert_close(w, expected_w)
+
+    calls = {}
+    real_image, real_text = method.model.encode_image, method.model.encode_text
+
+    def spy_image(images, task=None, weight=None, normalize=True):
+        calls["image"] = (task, weight.clone())
+        return real_image(images, task=task, weight=weight, normalize=normalize)
+
+    def spy_text(tokens, task=None, weight=None, normalize=True):
+        calls["text"] = (task, weight)
+        return real_text(tokens, task=task, weight=weight, normalize=normalize)
+
+    monkeypatch.setattr(method.model, "encode_image", spy_image)
+    monkeypatch.setattr(method.model, "encode_text", spy_text)
+    images = torch.stack([scenario.tasks[1].test[i][0] for i in range(5)])
+    logits = method.predict(images, scenario.tasks[1].labels)
+    assert logits.shape == (5, scenario.tasks[1].num_classes)
+    assert calls["image"][0] == 1  # the majority task for the whole batch
+    torch.testing.assert_close(calls["image"][1], expected_w)  # each sample its own max-S weight
+    assert calls["text"][0] == 1
+    assert float(calls["text"][1]) == pytest.approx(float(expected_w.mean()))  # text: batch mean
+
+
+def test_sample_selection_equals_batch_selection_one_sample_at_a_time(backbone, scenario):
+    torch.manual_seed(1)
+    method = make_diki(backbone, scenario, calibration={"task_select": "sample"})
+    for t in scenario.tasks[:2]:
+        method.begin_task(t)
+        with torch.no_grad():  # non-zero residual values so that tasks and weights matter
+            for p in method.model.residual_parameters(t.index):
+                p[1].normal_(0.0, 0.5)
+    batch = make_diki(backbone, scenario)  # same residuals and Gaussians, batch-wise selection
+    batch.model, batch.stats = method.model, method.stats
+    task = scenario.tasks[2]
+    images = torch.stack([task.test[i][0] for i in range(0, len(task.test), 3)])
+    per_sample = method.predict(images, task.labels)
+    one_by_one = torch.cat([batch.predict(images[i : i + 1], task.labels) for i in range(len(images))])
+    torch.testing.assert_close(per_sample, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ training (spec §5, §12)
+
+
+def test_training_task_changes_only_its_residuals(backbone, scenario):
+    torch.manual_seed(2)
+    clip_before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    method = make_diki(backbone, scenario, param_dtype="fp32")
+    t0, t1 = scenario.tasks[0], scenario.tasks[1]
+    method.begin_task(t0)
+    method.train_task(t0)
+    method.end_task(t0)
+    method.begin_task(t1)
+    before = [[p.detach().clone() for p in method.model.residual_parameters(t)] for t in (0, 1)]
+    method.train_task(t1)
+    after = [list(method.model.residual_parameters(t)) for t in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))  # task 0 bit-identical
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(after[1], before[1]))  # task 1's values moved
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, clip_before[k]), k  # frozen CLIP bit-identical
+    assert not any(p.requires_grad for p in backbone.parameters())
+    summary = method.summary()
+    per_task = 2 * 8 * 64 * 3 * 2  # 2 (K, V) x 8 tokens x width 64 x 3 blocks x 2 encoders
+    assert summary["residual_parameters_per_task"] == {"leaves": per_task, "minerals": per_task}
+    assert summary["depth_vision"] == summary["depth_text"] == 3  # null = DIKI's 8 capped at 3 blocks
+    assert len(summary["tasks"][1]["val_acc"]) == 1 and summary["tasks"][1]["best_epoch"] == 0
+    json.dumps(summary)
+
+
+def test_lr_schedule_per_step_cosine(backbone, scenario):
+    method = make_diki(backbone, scenario, optim=optim_cfg(epochs=10))
+    method.model.add_task()
+    opt, sched = method.make_optimizer(method.model.residual_parameters(0), steps_per_epoch=7)
+    assert sched.per_step and len(opt.param_groups) == 1
+    total, lrs = 70, []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(5.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)  # at step S = 10 x len(loader)
+    s = 35
+    assert lrs[s] == pytest.approx(0.005 + 0.5 * (5.0 - 0.005) * (1 + math.cos(math.pi * s / total)))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_depth_beyond_backbone_is_refused(backbone, scenario):
+    with pytest.raises(ConfigError, match="depth_vision=8 exceeds the 3 blocks"):
+        DIKI(backbone=backbone, optim=optim_cfg(), runtime=Runtime(), depth_vision=8)
+    with pytest.raises(ConfigError, match="task_select"):
+        DIKI(backbone=backbone, optim=optim_cfg(), runtime=Runtime(), calibration={"task_select": "vote"})
+
+
+# ------------------------------------------------------------------ zero-shot (spec §3.3, §12)
+
+
+def test_zeroshot_equals_plain_clip_and_untrained_diki(backbone, scenario):
+    zs = ZeroShotCLIP(backbone=backbone, optim=None, runtime=Runtime())
+    zs.prepare_scenario(scenario)
+    task = scenario.tasks[2]
+    images = torch.stack([task.test[i][0] for i in range(12)])
+    with torch.no_grad():
+        txt = backbone.model.encode_text(backbone.tokenize(task.prompts()), normalize=True)  # full 77 tokens
+        img = backbone.model.encode_image(images, normalize=True)
+        plain = backbone.logit_scale * img @ txt.T
+    ours = zs.predict(images, task.labels)
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.argmax(1), plain.argmax(1))
+
+    method = make_diki(backbone, scenario)
+    method.begin_task(scenario.tasks[0])  # a Gaussian and residuals with V_r = 0: still zero-shot CLIP
+    torch.testing.assert_close(method.predict(images, task.labels), plain, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ end to end (spec §2, §10)
+
+
+@pytest.mark.parametrize("method", ["diki", "zeroshot", "clip_ft"])
+def test_end_to_end_synthetic_mtil(method, tmp_path):
+    from clcli.train import run
+
+    cfg = compose_cfg([f"method={method}", "data=synthetic_mtil", "backbone=tiny_clip", "device=cpu"])
+    assert check_config(cfg) == []
+    results = run(cfg, tmp_path, {"method": method, "data": "synthetic_mtil", "backbone": "tiny_clip"})
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    acc = np.array(on_disk["accuracy_matrix"], dtype=float)
+    assert acc.shape == (3, 3) and not np.isnan(acc).any()  # every dataset after every task
+    m = results["metrics"]
+    assert all(isinstance(m[k], float) for k in ("transfer", "avg", "last"))
+    assert on_disk["scenario"]["kind"] == "domain_class_incremental"
+    if method == "zeroshot":
+        assert (acc == acc[0]).all()  # nothing is trained: identical rows
+    if method == "diki":
+        assert on_disk["method_summary"]["residual_parameters_total"] == 3 * 2 * 8 * 64 * 3 * 2
+
+
+# ------------------------------------------------------------------ metrics and configs
+
+
+def test_mtil_metrics_golden_zscl_zero_shot_row():
+    row = [24.3, 88.4, 68.2, 44.6, 54.9, 71.0, 88.5, 59.4, 89.0, 64.7, 65.2]
+    m = mtil_metrics(np.array([row] * 11))
+    assert (m["transfer"], m["avg"], m["last"]) == (69.4, 65.3, 65.3)
+
+
+@pytest.mark.parametrize("data,order,shots", [
+    ("mtil", mtil.MTIL_ORDER_I, -1),
+    ("mtil_order2", mtil.MTIL_ORDER_II, -1),
+    ("mtil_fewshot", mtil.MTIL_FEWSHOT_DATASETS, 16),
+])
+def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["method=diki", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
+    assert cfg.backbone.kind == "clip" and cfg.backbone.model_name == "ViT-B-16-quickgelu"
+    assert cfg.optim.lr.representation == 5.0 and cfg.optim.schedule == "cosine_steps" and cfg.optim.epochs == 10
+    assert cfg.method.n_tokens == 8 and cfg.method.calibration.scale == 512.0
+    data_obj = instantiate(cfg.data)
+    assert data_obj.datasets == list(order) and data_obj.num_shots == shots
+    problems = check_config(cfg)
+    text = "\n".join(problems)
+    for name in order:  # every dataset of the order is reported, with its folder under data_dir
+        assert str(tmp_path / cfg.data.dirs[name]) in text, name
+    assert all(p.split(":")[0] in order for p in problems), problems  # nothing but missing data
+    for other in ("zeroshot", "clip_ft"):
+        cfg2 = compose_cfg([f"method={other}", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
+        assert check_config(cfg2) == problems
+
+
+def test_clip_methods_refuse_timm_backbones():
+    cfg = compose_cfg(["method=diki", "data=synthetic_mtil", "backbone=tiny_vit"])
+    assert any("needs a clip backbone" in p for p in check_config(cfg))
+
+
+def test_few_shot_view_and_missing_data_errors(backbone, tmp_path):
+    src = SyntheticSource(num_classes=3, train_per_class=20, val_per_class=6, test_per_class=5, seed=3)
+    fs = FewShotView(src, shots=16, seed=1)
+    assert np.bincount(fs.load("train").labels).tolist() == [16, 16, 16]
+    assert np.bincount(fs.load("val").labels).tolist() == [4, 4, 4]  # min(16, 4) val shots
+    assert len(fs.load("test")) == 15
+    assert fs.load("train") is fs.load("train")  # drawn once
+    data = MTILData("x", order=["dtd", "eurosat"], data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="dtd"):
+        data.build(backbone)
+    assert MTILData("x", order="III", num_shots=0).problems()[:2] == [
+        "data.order: unknown order 'III' (known: I, II, FS, or a list of dataset names).",
+        "data.num_shots: -1 (full training sets) or an integer >= 1, got 0.",
+    ]
