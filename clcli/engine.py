@@ -126,9 +126,10 @@ class LossGuard:
 
 def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
-        train_mode: Callable[[], None] | None = None) -> list[float]:
+        train_mode: Callable[[], None] | None = None, require_learning: bool = False) -> list[float]:
     """Run ``epochs`` of ``loss = step(x, y)``, backward, optimizer step; schedule per epoch or per
-    step (``scheduler.per_step``). Returns the mean loss of every epoch."""
+    step (``scheduler.per_step``). Returns the mean loss of every epoch. ``require_learning``: a
+    final epoch loss still at chance level stops the run (supervised fine-tuning from scratch heads)."""
     guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
     history = []
     for epoch in rt.track(range(epochs), f"{where} epochs"):
@@ -152,7 +153,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
         history.append(total / max(count, 1))
         log.info("%s epoch %d/%d: loss %.4f", where, epoch + 1, epochs, history[-1])
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; no stale grads leak into the next task
-    if history:
+    if require_learning and history:
         guard.check_learned(history[-1])
     return history
 

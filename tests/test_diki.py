@@ -261,6 +261,13 @@ def test_end_to_end_synthetic_mtil(method, tmp_path):
         assert (acc == acc[0]).all()  # nothing is trained: identical rows
     if method == "diki":
         assert on_disk["method_summary"]["residual_parameters_total"] == 3 * 2 * 8 * 64 * 3 * 2
+        # resume after task 1 (state_dict/load_state_dict through the run's checkpoints): same matrix
+        (tmp_path / "results.json").unlink()
+        (tmp_path / "checkpoints" / "task_02.pt").unlink()
+        cfg.resume = True
+        again = run(cfg, tmp_path, {"method": method, "data": "synthetic_mtil", "backbone": "tiny_clip"})
+        assert again["accuracy_matrix"] == results["accuracy_matrix"]
+        assert again["method_summary"]["tasks"] == results["method_summary"]["tasks"]  # losses bit-equal
 
 
 # ------------------------------------------------------------------ metrics and configs

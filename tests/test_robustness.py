@@ -131,7 +131,7 @@ def test_divergence_stops_with_task_epoch_step(tmp_path, capsys):
     assert not (run_dir / "results.json").exists()
 
 
-SLOW_DATA = ["data.source.train_per_class=60", "data.source.test_per_class=10", "method=slca",
+SLOW_DATA = ["data.source.train_per_class=60", "data.source.test_per_class=10", "method=slca", "optim.lr.classifier=0.01",
              "optim.epochs=3", "optim.milestones=[2]"]
 
 

@@ -178,6 +178,9 @@ class ContinualCLIPFT:
         if backbone.dtype != torch.float32:
             log.warning("clip_ft: converting the %s backbone to fp32 master weights for fine-tuning", backbone.dtype)
             backbone.model.float()
+            backbone.precision = "fp32"
+            if isinstance(getattr(backbone, "weights_identity", None), dict):  # results.json tells the truth
+                backbone.weights_identity["precision"] = "fp32 (converted by clip_ft for fine-tuning)"
         self.backbone = backbone.to(runtime.device)
         self.optim, self.rt, self.optimizer = optim, runtime, optimizer
         self.bank: PromptBank | None = None

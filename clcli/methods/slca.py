@@ -96,7 +96,8 @@ class SLCA:
             self.backbone.train(self.train_backbone)
 
         fit(step, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=self.rt,
-            where=f"task {task.index} ({task.name})", num_classes=task.num_classes, train_mode=train_mode)
+            where=f"task {task.index} ({task.name})", num_classes=task.num_classes, train_mode=train_mode,
+            require_learning=True)
         self.backbone.eval()
 
     def end_task(self, task: Task) -> None:
