@@ -31,6 +31,14 @@ Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
 
 Batch-wise selection makes results depend on the evaluation batch (``eval.batch_size`` 256, unshuffled,
 a last partial batch votes alone; §8 item 1).
+
+Deviations from the reference, all deliberate: one optimizer per task over that task's residuals only
+(exact under plain SGD, §8 item 11); the unused frozen pass during training/validation is skipped
+(§7 item 1); the CE runs on float32 logits computed from the (fp16) features, where the reference's
+logits stay fp16 (§5.2); the Gaussian is fitted from an unshuffled pass in float64 (same statistics
+up to summation order); vote ties go to the lowest task id; ``param_dtype: fp32`` and
+``task_select: sample`` are options, not the reference. With no learned task (never the case in the
+training loop) ``predict`` returns zero-shot CLIP instead of crashing (§8 item 13).
 """
 from __future__ import annotations
 

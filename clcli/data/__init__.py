@@ -1,0 +1,1 @@
+"""Datasets (sources), preprocessing recipes and task scenarios."""

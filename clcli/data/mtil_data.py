@@ -1,0 +1,213 @@
+"""MTIL data configs: ``problems()`` (cheap, no image touched) + ``build(backbone)`` -> Scenario.
+
+MTIL (the domain-class incremental benchmark of ZSCL, as run by DIKI: Tang et al., "Mind the
+Interference", ECCV 2024, arXiv 2407.05342; spec ``diki_mtil.md`` §1) is one task per dataset, each
+with its own classes, class names and prompt template. After every task *all* datasets are evaluated
+(future ones included) over their own classes, giving the T×T matrix of Transfer / Avg / Last (§2).
+
+- :class:`MTILData` (``data=mtil``, ``mtil_order2``, ``mtil_fewshot``): the eleven real datasets of
+  :mod:`clcli.data.mtil` under ``data_dir`` (CoOp splits, DIKI's class names and first templates),
+  in order I, order II, the 8-dataset few-shot order, or an explicit list.
+- :class:`SyntheticMTILData` (``data=synthetic_mtil``): a few generated "datasets", each with its own
+  class-name prefix, seed and template, and a val split — the whole MTIL pipeline on CPU in seconds.
+
+Both use the backbone's deterministic test transform for every split (spec §1.4, §12 "Train/val/test
+share one deterministic transform": DIKI trains without augmentation).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from clcli.data import mtil
+from clcli.data.base import SourceInfo, SplitData
+from clcli.data.scenario import Scenario, build_domain_incremental
+from clcli.data.synthetic import SyntheticSource
+
+
+def _eval_transform(backbone):
+    """The backbone's deterministic transform: CLIP's ``transform(False)`` (its *val* preprocessing);
+    a timm backbone's test-time recipe otherwise."""
+    if hasattr(backbone, "transform"):
+        return backbone.transform(False)
+    from clcli.data.transforms import build_transforms
+
+    return build_transforms("backbone", backbone)[1]
+
+
+class FewShotView:
+    """A source seen through the few-shot protocol (spec §1.5, §12 "MTIL-FS"): ``shots`` training
+    items per class and ``min(shots, 4)`` validation items per class, drawn with dedicated seeded RNGs
+    (:func:`clcli.data.mtil.few_shot`, independent of the global ``random`` state); the test split is
+    untouched. Subsets are drawn once and cached, so train and val stay fixed for the whole run."""
+
+    def __init__(self, source: Any, shots: int, seed: int):
+        self.source, self.shots, self.seed = source, int(shots), int(seed)
+        self._cache: dict[str, SplitData] = {}
+
+    @property
+    def info(self) -> SourceInfo:
+        return self.source.info
+
+    def problems(self) -> list[str]:
+        return self.source.problems()
+
+    def load(self, split: str) -> SplitData:
+        if split == "test":
+            return self.source.load("test")
+        if split not in self._cache:
+            shots = self.shots if split == "train" else mtil.fewshot_val_shots(self.shots)
+            # A different stream for val than for train (seed + 1): the two splits are disjoint
+            # anyway, the offset only keeps the draws from being correlated by construction.
+            self._cache[split] = mtil.few_shot(self.source.load(split), shots, self.seed + (split == "val"))
+        return self._cache[split]
+
+
+class MTILData:
+    """The MTIL dataset sequence (spec §1): one task per dataset, CoOp splits, DIKI's protocol.
+
+    Args:
+        name: scenario name recorded in results (``mtil_order1``, ``mtil_order2``, ``mtil_fewshot``).
+        order: ``"I"``, ``"II"`` (order I permuted by [9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2]), ``"FS"``
+            (order I without EuroSAT, MNIST, OxfordPet: the 8 MTIL-FS datasets) or an explicit list of
+            dataset names from :data:`clcli.data.mtil.MTIL_SOURCES`.
+        num_shots: ``-1`` = full training sets; ``k >= 1`` = ``k`` training and ``min(k, 4)``
+            validation images per class (MTIL-FS: 16), test sets untouched.
+        few_shot_seed: seed of the few-shot draws (a dedicated RNG; spec §8 item 6 fix).
+        split_seed: seed of the per-class 80/20 train/val split of CIFAR100 and MNIST (drawn once; the
+            reference re-draws it per construction, spec §5.3).
+        data_dir: folder holding one sub-folder per dataset (config ``paths.data_dir``).
+        dirs: sub-folder of each dataset (defaults: CoOp's names, :data:`clcli.data.mtil.MTIL_DEFAULT_DIRS`);
+            entries given here replace the defaults one by one.
+        with_val: load the val splits (DIKI keeps the best epoch by val accuracy, spec §5.1).
+        download: let torchvision download CIFAR100 / MNIST on first use (the other nine datasets must
+            be prepared by hand; ``clcli validate`` prints the layout and where to get each).
+    """
+
+    def __init__(self, name: str, order: str | Sequence[str] = "I", num_shots: int = -1, few_shot_seed: int = 1,
+                 split_seed: int = 42, data_dir: str = "data", dirs: dict | None = None, with_val: bool = True,
+                 download: bool = False):
+        self.name = name
+        self.order = order if isinstance(order, str) else [str(d) for d in order]
+        self.num_shots, self.few_shot_seed, self.split_seed = num_shots, few_shot_seed, split_seed
+        self.data_dir = os.fspath(data_dir)
+        self.dirs = {**mtil.MTIL_DEFAULT_DIRS, **{str(k): str(v) for k, v in dict(dirs or {}).items()}}
+        self.with_val, self.download = with_val, download
+
+    @property
+    def datasets(self) -> list[str]:
+        """Dataset names in training order ([] when ``order`` is invalid; see :meth:`problems`)."""
+        if isinstance(self.order, str):
+            return list(mtil.MTIL_ORDERS.get(self.order, ()))
+        return list(self.order)
+
+    def _static_problems(self) -> list[str]:
+        out = []
+        if isinstance(self.order, str) and self.order not in mtil.MTIL_ORDERS:
+            out.append(f"data.order: unknown order {self.order!r} (known: {', '.join(mtil.MTIL_ORDERS)}, "
+                       "or a list of dataset names).")
+        names = self.datasets
+        unknown = [d for d in names if d not in mtil.MTIL_SOURCES]
+        if unknown:
+            out.append(f"data.order: unknown dataset(s) {unknown} (known: {', '.join(mtil.MTIL_SOURCES)}).")
+        dupes = sorted({d for d in names if names.count(d) > 1})
+        if dupes:
+            out.append(f"data.order: dataset(s) {dupes} appear more than once.")
+        if not names and not out:
+            out.append("data.order: the dataset list is empty.")
+        extra = sorted(set(self.dirs) - set(mtil.MTIL_SOURCES))
+        if extra:
+            out.append(f"data.dirs: unknown dataset(s) {extra} (known: {', '.join(mtil.MTIL_SOURCES)}).")
+        if isinstance(self.num_shots, bool) or not isinstance(self.num_shots, int) or \
+                (self.num_shots != -1 and self.num_shots < 1):
+            out.append(f"data.num_shots: -1 (full training sets) or an integer >= 1, got {self.num_shots!r}.")
+        return out
+
+    def _sources(self) -> list[tuple[str, Any]]:
+        return [
+            (d, mtil.make_mtil_source(d, self.data_dir, root=os.path.join(self.data_dir, self.dirs[d]),
+                                      split_seed=self.split_seed, download=self.download))
+            for d in self.datasets
+        ]
+
+    def problems(self) -> list[str]:
+        """Config mistakes, then every missing dataset folder / split file with its layout (stats
+        paths only)."""
+        out = self._static_problems()
+        if out:
+            return out
+        for _, source in self._sources():
+            out.extend(source.problems())
+        return out
+
+    def build(self, backbone) -> Scenario:
+        sources = []
+        for d, source in self._sources():
+            if self.num_shots != -1:
+                source = FewShotView(source, self.num_shots, self.few_shot_seed)
+            sources.append((d, source, None))
+        return build_domain_incremental(sources, name=self.name, transform=_eval_transform(backbone),
+                                        with_val=self.with_val)
+
+
+# Each synthetic dataset differs from the others in prompts (prefix, template) and image statistics
+# (seed), the way MTIL's datasets differ in domain: enough for the Gaussians to tell them apart.
+DEFAULT_SYNTHETIC_DATASETS = (
+    {"name": "leaves", "num_classes": 4, "name_prefix": "leaf_", "seed": 101,
+     "template": "a photo of a {c}, a type of leaf."},
+    {"name": "minerals", "num_classes": 3, "name_prefix": "mineral_", "seed": 202,
+     "template": "a close-up photo of {c} mineral."},
+    {"name": "signals", "num_classes": 5, "name_prefix": "signal_", "seed": 303,
+     "template": 'a photo of the signal: "{c}".'},
+)
+
+
+class SyntheticMTILData:
+    """A small MTIL-like sequence of generated datasets (tests and smoke runs, ``data=synthetic_mtil``).
+
+    ``datasets``: list of ``{name, num_classes, name_prefix, seed, template}``; every dataset gets
+    ``train_per_class`` / ``val_per_class`` / ``test_per_class`` images of ``image_size`` pixels with
+    pixel noise ``noise`` (:class:`clcli.data.synthetic.SyntheticSource`).
+    """
+
+    def __init__(self, name: str = "synthetic_mtil", datasets: Sequence[dict] | None = None,
+                 train_per_class: int = 16, val_per_class: int = 4, test_per_class: int = 8,
+                 image_size: int = 32, noise: float = 0.25, with_val: bool = True):
+        self.name = name
+        self.datasets = [dict(d) for d in (datasets if datasets is not None else DEFAULT_SYNTHETIC_DATASETS)]
+        self.train_per_class, self.val_per_class, self.test_per_class = train_per_class, val_per_class, test_per_class
+        self.image_size, self.noise, self.with_val = image_size, noise, with_val
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.datasets:
+            out.append("data.datasets: empty.")
+        names = [d.get("name") for d in self.datasets]
+        if len(set(names)) != len(names):
+            out.append(f"data.datasets: names must be distinct, got {names}.")
+        for d in self.datasets:
+            missing = [k for k in ("name", "num_classes", "seed", "template") if k not in d]
+            if missing:
+                out.append(f"data.datasets: entry {d} lacks {missing}.")
+            elif "{c}" not in str(d["template"]):
+                out.append(f"data.datasets.{d['name']}.template: needs a {{c}} placeholder, got {d['template']!r}.")
+        if self.with_val and self.val_per_class < 1:
+            out.append("data.val_per_class: must be >= 1 when data.with_val is true.")
+        if self.train_per_class < 2 or self.test_per_class < 1:
+            out.append("data.train_per_class must be >= 2 and data.test_per_class >= 1.")
+        return out
+
+    def sources(self) -> list[tuple[str, SyntheticSource]]:
+        return [
+            (str(d["name"]), SyntheticSource(
+                num_classes=int(d["num_classes"]), train_per_class=self.train_per_class,
+                test_per_class=self.test_per_class, val_per_class=self.val_per_class if self.with_val else 0,
+                image_size=self.image_size, noise=self.noise, seed=int(d["seed"]), name=str(d["name"]),
+                name_prefix=str(d.get("name_prefix", "")), templates=[str(d["template"])],
+            ))
+            for d in self.datasets
+        ]
+
+    def build(self, backbone) -> Scenario:
+        return build_domain_incremental([(n, s, None) for n, s in self.sources()], name=self.name,
+                                        transform=_eval_transform(backbone), with_val=self.with_val)
