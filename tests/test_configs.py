@@ -63,7 +63,7 @@ def test_default_config_is_slca_digits_efficientnet():
     assert cfg.method._target_ == "clcli.methods.slca.SLCA" and cfg.method.ca.enabled
     assert cfg.data.name == "split_digits" and cfg.data.num_tasks == 5
     assert cfg.backbone.model_name == "efficientnet_lite0" and cfg.backbone.weights == "efficientnet_lite0_package"
-    assert cfg.optim.lr.representation == 1e-4 and cfg.optim.lr.classifier == 1e-2
+    assert cfg.optim.lr.representation == 1e-4 and cfg.optim.lr.classifier == 3e-3
 
 
 def test_spec_hyper_parameters_are_config_keys():

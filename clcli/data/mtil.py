@@ -168,26 +168,18 @@ def _problem(name: str, what: str, path: str, layout: str, get_it: str) -> str:
     return f"{name}: {what} {path} is missing. Expected layout: {layout}. Get it: {get_it}"
 
 
-# ----------------------------------------------------------------------------------------------
-# CoOp-split datasets
-# ----------------------------------------------------------------------------------------------
+class _SplitFileSource:
+    """Shared plumbing of the sources whose splits come from files under ``root`` (the CoOp split
+    sources and FGVC-Aircraft): lazily built on first :meth:`load` / :attr:`info`, missing or unreadable
+    files reported as :class:`MissingDatasetError`.
 
-
-class CoOpSplitSource:
-    """A dataset read from a folder of images plus CoOp's ``split_zhou_<Name>.json`` (spec §1.2).
-
-    Subclasses set: ``name`` (config name), ``display_name``, ``image_dir`` (folder under ``root`` that
-    the json's relative paths start from; ``""`` = ``root`` itself), ``required_dirs`` (folders under
-    ``root`` that must exist), ``split_file``, ``template`` (DIKI's first template),
+    Subclasses set ``name``, ``display_name``, ``template`` (DIKI's first template),
     ``expected_classes`` (DIKI's class count), ``layout`` and ``get_it`` (for :meth:`problems`), and
-    may override :meth:`class_name` (spec §1.3 conventions) and :meth:`keep` (entries to ignore).
+    implement :meth:`problems` and :meth:`_build` (which fills ``self._info`` and ``self._data``).
     """
 
     name = ""
     display_name = ""
-    image_dir = ""
-    required_dirs: tuple[str, ...] = ()
-    split_file = ""
     template = "a photo of a {c}."
     expected_classes = 0
     layout = ""
@@ -198,6 +190,57 @@ class CoOpSplitSource:
         self._info = SourceInfo(self.name, self.expected_classes, [], [self.template])
         self._data: dict[str, SplitData] | None = None
 
+    @property
+    def info(self) -> SourceInfo:
+        """Static facts; ``class_names`` / ``num_classes`` come from the split files once they exist
+        (read on first access; before that ``num_classes`` is DIKI's count and the names are empty)."""
+        if self._data is None and not self.problems():
+            self._build_or_raise()
+        return self._info
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self, split: str) -> SplitData:
+        if split not in SPLITS:
+            raise KeyError(f"{self.name}: unknown split {split!r} (train, val or test)")
+        if self._data is None:
+            probs = self.problems()
+            if probs:
+                raise MissingDatasetError("\n".join(probs))
+            self._build_or_raise()
+        assert self._data is not None
+        return self._data[split]
+
+    def _build_or_raise(self) -> None:
+        try:
+            self._build()
+        except (OSError, ValueError) as exc:  # unreadable or malformed split/list files
+            raise MissingDatasetError(f"{self.name}: cannot read the split files under {self.root}: {exc}") from exc
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------
+# CoOp-split datasets
+# ----------------------------------------------------------------------------------------------
+
+
+class CoOpSplitSource(_SplitFileSource):
+    """A dataset read from a folder of images plus CoOp's ``split_zhou_<Name>.json`` (spec §1.2).
+
+    Subclasses set: ``name`` (config name), ``display_name``, ``image_dir`` (folder under ``root`` that
+    the json's relative paths start from; ``""`` = ``root`` itself), ``required_dirs`` (folders under
+    ``root`` that must exist), ``split_file``, ``template`` (DIKI's first template),
+    ``expected_classes`` (DIKI's class count), ``layout`` and ``get_it`` (for :meth:`problems`), and
+    may override :meth:`class_name` (spec §1.3 conventions) and :meth:`keep` (entries to ignore).
+    """
+
+    image_dir = ""
+    required_dirs: tuple[str, ...] = ()
+    split_file = ""
+
     # -- naming conventions (spec §1.3) --------------------------------------------------------
     def class_name(self, classname: str, relpath: str) -> str:
         """Prompt-ready class name of one split entry (default: the json's name, ``_`` → space)."""
@@ -207,15 +250,7 @@ class CoOpSplitSource:
         """Whether a split entry belongs to the dataset (default: all)."""
         return True
 
-    # -- Source protocol -------------------------------------------------------------------------
-    @property
-    def info(self) -> SourceInfo:
-        """Static facts; ``class_names`` / ``num_classes`` come from the split file once it exists
-        (read on first access; before that ``num_classes`` is DIKI's count and the names are empty)."""
-        if self._data is None and not self.problems():
-            self._build_or_raise()
-        return self._info
-
+    # -- Source protocol (info, load: see _SplitFileSource) ----------------------------------------
     @property
     def split_path(self) -> str:
         return os.path.join(self.root, self.split_file)
@@ -236,24 +271,7 @@ class CoOpSplitSource:
             )
         return out
 
-    def load(self, split: str) -> SplitData:
-        if split not in SPLITS:
-            raise KeyError(f"{self.name}: unknown split {split!r} (train, val or test)")
-        if self._data is None:
-            probs = self.problems()
-            if probs:
-                raise MissingDatasetError("\n".join(probs))
-            self._build_or_raise()
-        assert self._data is not None
-        return self._data[split]
-
     # -- internals -------------------------------------------------------------------------------
-    def _build_or_raise(self) -> None:
-        try:
-            self._build()
-        except (OSError, ValueError) as exc:  # unreadable or malformed split/list files
-            raise MissingDatasetError(f"{self.name}: cannot read the split files under {self.root}: {exc}") from exc
-
     def _build(self) -> None:
         raw = read_coop_split(self.split_path)
         rows = {
@@ -557,7 +575,7 @@ class SUN397Source(CoOpSplitSource):
 # ----------------------------------------------------------------------------------------------
 
 
-class AircraftSource:
+class AircraftSource(_SplitFileSource):
     """FGVC-Aircraft (variant level, 100 classes) with the **official** train / val / test lists
     (spec §1.2: 3,334 / 3,333 / 3,333), as DIKI does.
 
@@ -583,11 +601,6 @@ class AircraftSource:
     get_it = ("fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ "
               "extracted into <root>, or torchvision.datasets.FGVCAircraft(<root>, download=True)")
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
-        self._info = SourceInfo(self.name, self.expected_classes, [], [self.template])
-        self._data: dict[str, SplitData] | None = None
-
     @property
     def data_dir(self) -> str:
         """``root/fgvc-aircraft-2013b/data`` if it exists, else ``root`` when it holds the CoOp layout."""
@@ -595,12 +608,6 @@ class AircraftSource:
         if not os.path.isdir(official) and os.path.isfile(os.path.join(self.root, "variants.txt")):
             return self.root
         return official
-
-    @property
-    def info(self) -> SourceInfo:
-        if self._data is None and not self.problems():
-            self._build_or_raise()
-        return self._info
 
     def problems(self) -> list[str]:
         if not os.path.isdir(self.root):
@@ -613,23 +620,6 @@ class AircraftSource:
             if not os.path.isfile(os.path.join(d, f)):
                 out.append(_problem(self.name, "file", os.path.join(d, f), self.layout, self.get_it))
         return out
-
-    def load(self, split: str) -> SplitData:
-        if split not in SPLITS:
-            raise KeyError(f"{self.name}: unknown split {split!r} (train, val or test)")
-        if self._data is None:
-            probs = self.problems()
-            if probs:
-                raise MissingDatasetError("\n".join(probs))
-            self._build_or_raise()
-        assert self._data is not None
-        return self._data[split]
-
-    def _build_or_raise(self) -> None:
-        try:
-            self._build()
-        except (OSError, ValueError) as exc:  # unreadable or malformed split/list files
-            raise MissingDatasetError(f"{self.name}: cannot read the split files under {self.root}: {exc}") from exc
 
     def _build(self) -> None:
         d = self.data_dir

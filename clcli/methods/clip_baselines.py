@@ -106,7 +106,36 @@ class PromptBank:
         return self._cache[key]
 
 
-class ZeroShotCLIP:
+class _PromptClassifierCLIP:
+    """What the CLIP baselines share: the scenario's :class:`PromptBank`, and prediction with the
+    text features of the candidates' prompts as the classifier, cached per candidate range in
+    ``self._text`` (a subclass whose encoders change clears that cache). Subclasses set
+    ``self.backbone``, ``self.rt``, ``self.bank = None`` and ``self._text = {}``."""
+
+    backbone: ClipBackbone
+    rt: Runtime
+    bank: PromptBank | None
+    _text: dict[tuple[int, int], torch.Tensor]
+
+    def prepare_scenario(self, scenario: Scenario) -> Scenario:
+        self.bank = PromptBank(self.backbone, scenario)
+        return scenario
+
+    def begin_task(self, task: Task) -> None:
+        pass
+
+    def end_task(self, task: Task) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        key = (candidates.start, candidates.stop)
+        if key not in self._text:
+            self._text[key] = self.backbone.encode_text(self.bank.tokens(candidates, self.rt.device))
+        return cosine_logits(self.backbone.encode_image(images), self._text[key], self.backbone.logit_scale)
+
+
+class ZeroShotCLIP(_PromptClassifierCLIP):
     """Frozen CLIP with the tasks' prompts: nothing is trained (the MTIL "Zero-shot" row).
 
     Text features of a candidate range are computed once and cached: the encoders never change, so
@@ -120,25 +149,8 @@ class ZeroShotCLIP:
         self.bank: PromptBank | None = None
         self._text: dict[tuple[int, int], torch.Tensor] = {}
 
-    def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        self.bank = PromptBank(self.backbone, scenario)
-        return scenario
-
-    def begin_task(self, task: Task) -> None:
-        pass
-
     def train_task(self, task: Task) -> None:
         pass  # zero-shot: nothing to learn
-
-    def end_task(self, task: Task) -> None:
-        pass
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
-        key = (candidates.start, candidates.stop)
-        if key not in self._text:
-            self._text[key] = self.backbone.encode_text(self.bank.tokens(candidates, self.rt.device))
-        return cosine_logits(self.backbone.encode_image(images), self._text[key], self.backbone.logit_scale)
 
     def state_dict(self) -> dict:
         return {}
@@ -150,7 +162,7 @@ class ZeroShotCLIP:
         return {"trainable_parameters": 0, "logit_scale": self.backbone.logit_scale}
 
 
-class ContinualCLIPFT:
+class ContinualCLIPFT(_PromptClassifierCLIP):
     """Continual fine-tuning of the whole CLIP, image and text encoders (the MTIL "Continual-FT" row).
 
     Per task: CE over the current dataset's classes with ``logit_scale · cos(image, prompt text)``,
@@ -190,13 +202,6 @@ class ContinualCLIPFT:
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.backbone.model.named_parameters() if n != "logit_scale"]
 
-    def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        self.bank = PromptBank(self.backbone, scenario)
-        return scenario
-
-    def begin_task(self, task: Task) -> None:
-        pass
-
     def train_task(self, task: Task) -> None:
         o, rt = self.optim, self.rt
         params = self._trainable()
@@ -224,16 +229,6 @@ class ContinualCLIPFT:
             p.requires_grad_(False)
         self._text.clear()  # the encoders changed
         self.history.append({"task": task.index, "name": task.name, "train_loss": losses})
-
-    def end_task(self, task: Task) -> None:
-        pass
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
-        key = (candidates.start, candidates.stop)
-        if key not in self._text:
-            self._text[key] = self.backbone.encode_text(self.bank.tokens(candidates, self.rt.device))
-        return cosine_logits(self.backbone.encode_image(images), self._text[key], self.backbone.logit_scale)
 
     def state_dict(self) -> dict:
         return {"model": self.backbone.model.state_dict(), "history": list(self.history)}

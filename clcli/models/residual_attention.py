@@ -283,41 +283,28 @@ class DikiClip(nn.Module):
     Args:
         backbone: the frozen :class:`~clcli.models.clip.ClipBackbone` (kept as a submodule so that
             ``.to(device)`` moves it; save ``self.pools.state_dict()`` for checkpoints).
-        depth_vision, depth_text: number of leading blocks with residual pools (8 of 12 in DIKI).
-        n_tokens_vision, n_tokens_text: residual keys/values per block and task (8 in DIKI).
         param_dtype: dtype of the residual parameters (fp32 master copy; reference fp16, spec §5.2).
+        **pool_sizes: keyword arguments of :class:`ResidualPools`, with its defaults:
+            ``depth_vision``, ``depth_text``: number of leading blocks with residual pools (8 of 12
+            in DIKI); ``n_tokens_vision``, ``n_tokens_text``: residual keys/values per block and task
+            (8 in DIKI). The widths come from the backbone.
 
     ``encode_image``/``encode_text`` reproduce open_clip 3.3's ``VisionTransformer.forward`` and
     ``CLIP.encode_text`` (embeddings and pooling are open_clip's own code via the backbone; blocks
     ``>= depth`` are open_clip's own blocks) with the DIKI block in blocks ``< depth``.
     """
 
-    def __init__(
-        self,
-        backbone: ClipBackbone,
-        depth_vision: int = 8,
-        depth_text: int = 8,
-        n_tokens_vision: int = 8,
-        n_tokens_text: int = 8,
-        param_dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, backbone: ClipBackbone, *, param_dtype: torch.dtype = torch.float32, **pool_sizes: int) -> None:
         super().__init__()
         _check_supported(backbone)
         m = backbone.model
-        v_blocks, t_blocks = m.visual.transformer.resblocks, m.transformer.resblocks
-        for name, depth, blocks in (("depth_vision", depth_vision, v_blocks), ("depth_text", depth_text, t_blocks)):
-            if depth > len(blocks):
-                raise ValueError(f"{name}={depth} exceeds the {len(blocks)} blocks of {backbone.model_name!r}")
+        pools = ResidualPools(m.visual.transformer.width, m.transformer.width, dtype=param_dtype, **pool_sizes)
+        for enc, blocks in (("vision", m.visual.transformer.resblocks), ("text", m.transformer.resblocks)):
+            if pools.depths[enc] > len(blocks):
+                raise ValueError(f"depth_{enc}={pools.depths[enc]} exceeds the {len(blocks)} blocks of "
+                                 f"{backbone.model_name!r}")
         self.backbone = backbone
-        self.pools = ResidualPools(
-            vision_width=m.visual.transformer.width,
-            text_width=m.transformer.width,
-            depth_vision=depth_vision,
-            depth_text=depth_text,
-            n_tokens_vision=n_tokens_vision,
-            n_tokens_text=n_tokens_text,
-            dtype=param_dtype,
-        )
+        self.pools = pools
 
     # ------------------------------------------------------------------ tasks
     @property
