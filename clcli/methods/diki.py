@@ -29,6 +29,10 @@ Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
    its own text features (§4.3: the reference crashes in this mode, so the text weighting is ours);
    computed by grouping the samples by selected task.
 
+The frozen features of every test set are computed once per run and cached (``method.feature_cache``,
+:mod:`clcli.cache`, §7 item 4): an eval batch that is exactly one of the test set's loader batches gets
+its features from the cache (bit-identical), any other batch computes them.
+
 Batch-wise selection makes results depend on the evaluation batch (``eval.batch_size`` 256, unshuffled,
 a last partial batch votes alone; §8 item 1).
 
@@ -48,6 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from clcli import optim as optim_lib
+from clcli.cache import MODES as FEATURE_CACHE_MODES
+from clcli.cache import FeatureCache, autocast_matches, same_device
 from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
@@ -114,11 +120,19 @@ class DIKI:
         calibration: ``scale`` (512), ``shift`` (1.0), ``cov_ridge`` (1e-7, added to every covariance),
             ``task_select`` (``batch`` = reference, or ``sample``).
         select_best_on_val: keep the best epoch by val accuracy when the task has a val split.
+        feature_cache: ``memory`` (default) | ``disk`` | ``off``: cache of the frozen image features
+            (:mod:`clcli.cache`, spec §7 item 4). Each test set is encoded by the frozen CLIP once
+            per run instead of once per evaluation stage; ``disk`` also keeps the test and train
+            features in ``feature_cache_dir`` for later runs (the Gaussians then need no frozen
+            pass either). Exact: an eval batch gets cached features only when it is bit-for-bit
+            one of the dataset's loader batches, else they are computed as without the cache.
+        feature_cache_dir: folder of the ``disk`` entries.
     """
 
     def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
                  depth_vision: int | None = None, depth_text: int | None = None, n_tokens: int = 8,
-                 param_dtype: str = "fp16", calibration: dict | None = None, select_best_on_val: bool = True):
+                 param_dtype: str = "fp16", calibration: dict | None = None, select_best_on_val: bool = True,
+                 feature_cache: str = "memory", feature_cache_dir: str | None = None):
         require_clip(backbone, "diki")
         cal = {"scale": 512.0, "shift": 1.0, "cov_ridge": 1e-7, "task_select": "batch", **dict(calibration or {})}
         m = backbone.model
@@ -141,6 +155,10 @@ class DIKI:
         unknown = sorted(set(cal) - {"scale", "shift", "cov_ridge", "task_select"})
         if unknown:
             problems.append(f"method.calibration: unknown key(s) {unknown}.")
+        if feature_cache not in FEATURE_CACHE_MODES:
+            problems.append(f"method.feature_cache: expected one of {', '.join(FEATURE_CACHE_MODES)}, got {feature_cache!r}.")
+        elif feature_cache == "disk" and not feature_cache_dir:
+            problems.append("method.feature_cache=disk needs method.feature_cache_dir (a folder for the cached features).")
         if optim.get("name", "sgd") != "sgd":
             problems.append(f"optim.name: DIKI trains its residuals with SGD (spec §5.1), got {optim.name!r}.")
         if not float(optim.lr.representation) > 0:
@@ -162,6 +180,9 @@ class DIKI:
         # Text features that are exact to reuse: weight 0 (= zero-shot CLIP, key task None) and weight
         # exactly 1 (sigmoid saturated) per (dataset, task); any other weight is recomputed (spec §7 item 6).
         self._text_cache: dict[tuple[int, int | None], torch.Tensor] = {}
+        # Frozen image features of the test sets (and, on disk, of the train sets), spec §7 item 4.
+        self.features = FeatureCache(feature_cache, feature_cache_dir)
+        self.tasks: list[Task] = []
 
     # ------------------------------------------------------------------ protocol
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
@@ -172,6 +193,7 @@ class DIKI:
                 "mtil_order2, mtil_fewshot or synthetic_mtil."
             ])
         self.bank = PromptBank(self.backbone, scenario)
+        self.tasks = list(scenario.tasks)
         return scenario
 
     def begin_task(self, task: Task) -> None:
@@ -179,8 +201,7 @@ class DIKI:
         while self.model.num_tasks <= task.index:
             self.model.add_task()
         if task.index not in self.stats:
-            for f, _ in extract_features(self.backbone.features, task.train_plain, self.rt,
-                                         description=f"Gaussian {task.name}"):
+            for f in self._train_features(task):
                 self.stats.update(f, torch.full((f.shape[0],), task.index, dtype=torch.long, device=f.device))
             self.stats.finalize()
 
@@ -245,9 +266,9 @@ class DIKI:
         tokens = self.bank.tokens(candidates, self.rt.device)
         scale = self.model.logit_scale
         learned = self.stats.keys
+        frozen = self._frozen_features(images, dataset)  # cached across stages where exact (§7 item 4)
         if not learned:  # nothing learned yet: the model is zero-shot CLIP (the reference crashes, §8 item 13)
-            return cosine_logits(self.backbone.features(images), self._text(dataset, tokens, None, 0.0), scale)
-        frozen = self.backbone.features(images).float()
+            return cosine_logits(frozen, self._text(dataset, tokens, None, 0.0), scale)
         tasks, _, w = calibrate(self.stats, frozen, learned, self.calibration["scale"], self.calibration["shift"])
         if self.calibration["task_select"] == "batch":
             k = majority_task(tasks)
@@ -262,6 +283,49 @@ class DIKI:
         return logits
 
     # ------------------------------------------------------------------ helpers
+    def _train_features(self, task: Task):
+        """Batches of frozen normalised features of ``task.train_plain`` for its Gaussian: from the
+        disk cache (same batches, same bits, so the same float64 sums) or computed."""
+        if self.features.mode == "disk":
+            entry = self.features.features(self.backbone, task.train_plain, self.rt, name=task.name, split="train",
+                                           hashes=False, keep_in_memory=False, description=f"Gaussian {task.name}")
+            yield from entry.batches(self.rt.device)
+            return
+        for f, _ in extract_features(self.backbone.features, task.train_plain, self.rt, description=f"Gaussian {task.name}"):
+            yield f
+
+    def _frozen_features(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
+        """float32 normalised frozen CLIP features of an eval batch of ``dataset``: the cached ones when
+        ``images`` is exactly one of the test set's loader batches (``engine.evaluate``: unshuffled,
+        ``eval.batch_size``), else computed. Both are bit-identical: the cache entry was computed from
+        the same batches in the same context (device, autocast, weights; :mod:`clcli.cache`)."""
+        entry = self._test_features(images, dataset)
+        if entry is not None:
+            f = entry.lookup(images)
+            if f is not None:
+                return f
+        return self.backbone.features(images).float()
+
+    def _test_features(self, images: torch.Tensor, dataset: int):
+        """The cache entry of ``dataset``'s test set, filled on the first batch of a full-size pass
+        (one frozen pass over the test set per run); None where the cache cannot apply."""
+        if not self.features.enabled or not 0 <= dataset < len(self.tasks):
+            return None
+        rt = self.rt
+        if not same_device(images.device, rt.device) or not autocast_matches(images.device, rt.amp_dtype):
+            return None  # not the context the entry is computed in (engine.evaluate's)
+        test = self.tasks[dataset].test
+        # shard: in a multi-process run engine.evaluate reads this process's block of the test set
+        key = self.features.key(self.backbone, test, name=self.tasks[dataset].name, split="test", device=rt.device,
+                                amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True)
+        if key is None:
+            return None
+        entry = self.features.get(key)
+        if entry is None and images.shape[0] == min(rt.eval_batch_size, key["dataset"]["rows"]):  # a first batch?
+            entry = self.features.features(self.backbone, test, rt, name=self.tasks[dataset].name, split="test",
+                                           key=key, shard=True, description=f"frozen features {self.tasks[dataset].name}")
+        return entry
+
     def _text(self, dataset: int, tokens: torch.Tensor, task: int | None, weight) -> torch.Tensor:
         """Text features of ``dataset``'s prompts with ``task``'s residual scaled by the scalar
         ``weight``; cached only where reuse is exact (weight 0 = zero-shot CLIP, weight exactly 1)."""
