@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from clcli import distributed
 from clcli.errors import DivergenceError
 
 log = logging.getLogger("clcli")
@@ -49,8 +50,19 @@ class Runtime:
     console: Console = field(default_factory=lambda: Console(stderr=True))
     progress: Progress | None = None
 
-    def loader(self, dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
+    def loader(self, dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+               shard: bool = False):
+        """A DataLoader. In a multi-process run (``clcli.distributed``) a shuffled loader is a
+        training loader (``batch_size`` is the global batch; this rank gets its piece of every
+        global batch; iterate it through :func:`fit`), and ``shard=True`` gives this rank a block of
+        an unshuffled dataset (statistics, evaluation; the caller sums across ranks)."""
         pin = self.device.type == "cuda"
+        if distributed.is_active() and shuffle:
+            if generator is not None:
+                raise ValueError("Runtime.loader: a custom generator is not supported in multi-process runs")
+            return distributed.train_loader(dataset, batch_size, self.num_workers, pin)
+        if shard:
+            dataset = distributed.shard(dataset)
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
             pin_memory=pin, persistent_workers=False, generator=generator, drop_last=False,
@@ -78,7 +90,10 @@ class Runtime:
 
     @contextlib.contextmanager
     def live(self):
-        """Show progress bars for the duration of the block."""
+        """Show progress bars for the duration of the block (rank 0 only in multi-process runs)."""
+        if not distributed.is_main():
+            yield None
+            return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
@@ -129,25 +144,35 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
         train_mode: Callable[[], None] | None = None, require_learning: bool = False) -> list[float]:
     """Run ``epochs`` of ``loss = step(x, y)``, backward, optimizer step; schedule per epoch or per
     step (``scheduler.per_step``). Returns the mean loss of every epoch. ``require_learning``: a
-    final epoch loss still at chance level stops the run (supervised fine-tuning from scratch heads)."""
+    final epoch loss still at chance level stops the run (supervised fine-tuning from scratch heads).
+
+    ``step`` returns the mean over its batch (plus batch-independent terms): a multi-process run
+    averages the ranks' gradients weighted by their sample counts, which is then the gradient of the
+    global batch's mean loss (``clcli.distributed``); the guard sees that global loss on every rank."""
     guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
     history = []
     for epoch in rt.track(range(epochs), f"{where} epochs"):
         if train_mode is not None:
             train_mode()
         total, count = 0.0, 0
-        for i, (x, y) in enumerate(rt.track(loader, f"epoch {epoch + 1}/{epochs}")):
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            with rt.autocast():
-                loss = step(x, y)
-            value = float(loss.detach())
-            guard.check(value, epoch, i)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None and getattr(scheduler, "per_step", False):
-                scheduler.step()
-            total, count = total + value * len(y), count + len(y)
+        with distributed.epoch(loader):  # multi-process: this rank's piece of every global batch
+            for i, batch in enumerate(rt.track(loader, f"epoch {epoch + 1}/{epochs}")):
+                optimizer.zero_grad(set_to_none=True)
+                loss, n = None, 0
+                if batch is not None:  # None: this rank's piece of a short last batch is empty
+                    x, y = batch
+                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                    with rt.autocast():
+                        loss = step(x, y)
+                    loss.backward()
+                    n = len(y)
+                # multi-process: gradients of the global batch's mean loss; its value and size
+                value, n = distributed.average_gradients(optimizer, loss, n)
+                guard.check(value, epoch, i)
+                optimizer.step()
+                if scheduler is not None and getattr(scheduler, "per_step", False):
+                    scheduler.step()
+                total, count = total + value * n, count + n
         if scheduler is not None and not getattr(scheduler, "per_step", False):
             scheduler.step()
         history.append(total / max(count, 1))
@@ -160,9 +185,11 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
 
 @torch.inference_mode()
 def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], dataset, rt: Runtime,
-                     batch_size: int | None = None, description: str = "features"):
-    """Yield ``(features, labels)`` batches of ``fn(images)`` over ``dataset`` in order."""
-    loader = rt.loader(dataset, batch_size or rt.eval_batch_size, shuffle=False)
+                     batch_size: int | None = None, description: str = "features", shard: bool = False):
+    """Yield ``(features, labels)`` batches of ``fn(images)`` over ``dataset`` in order. ``shard``:
+    in a multi-process run only this rank's block of ``dataset`` (the caller reduces, e.g.
+    ``GaussianStats.reduce``)."""
+    loader = rt.loader(dataset, batch_size or rt.eval_batch_size, shuffle=False, shard=shard)
     for x, y in rt.track(loader, description):
         with rt.autocast():
             f = fn(x.to(rt.device, non_blocking=True))
@@ -172,10 +199,11 @@ def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], dataset, rt: Ru
 @torch.inference_mode()
 def evaluate(method, scenario, after: int, matrix, rt: Runtime) -> None:
     """Score ``method.predict`` on every task the scenario evaluates after task ``after`` and record
-    correct/total counts in row ``after`` of ``matrix``."""
+    correct/total counts in row ``after`` of ``matrix``. Multi-process: each rank predicts a block of
+    every test set and the counts are summed."""
     for task in scenario.eval_tasks(after):
         candidates = scenario.candidates(after, task)
-        loader = rt.loader(task.test, rt.eval_batch_size, shuffle=False)
+        loader = rt.loader(task.test, rt.eval_batch_size, shuffle=False, shard=True)
         correct = total = 0
         for x, y in rt.track(loader, f"eval {task.name}"):
             with rt.autocast():
@@ -183,4 +211,5 @@ def evaluate(method, scenario, after: int, matrix, rt: Runtime) -> None:
             pred = logits.argmax(1).cpu() + candidates.start
             correct += int((pred == y).sum())
             total += len(y)
+        correct, total = distributed.all_reduce_ints(correct, total)
         matrix.record(after, task.index, correct, total)

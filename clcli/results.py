@@ -1,7 +1,8 @@
 """Run-dir files: atomic writes, per-task checkpoints, results.json, csv/markdown, plots.
 
 Every file is written to a temporary sibling and renamed (``os.replace`` is atomic on POSIX), so a
-process killed at any moment leaves either the previous complete file or the new complete one.
+process killed at any moment leaves either the previous complete file or the new complete one. In a
+multi-process run (``clcli.distributed``) only rank 0 writes; the other ranks only read.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clcli import distributed
 from clcli.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "clcli-checkpoint-v1"
@@ -49,9 +51,12 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def config_fingerprint(resolved: dict) -> str:
-    """Hash of the parts of a config that change results (not device, workers, resume, paths)."""
-    ignore = {"resume", "device", "loader", "checkpoint", "paths", "eval"}
+    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches).
+    ``eval`` stays in: DIKI's batch-wise task vote depends on the evaluation batch size."""
+    ignore = {"resume", "device", "loader", "checkpoint", "paths"}
     relevant = {k: v for k, v in resolved.items() if k not in ignore}
+    if isinstance(relevant.get("method"), dict):  # where features are cached never changes them
+        relevant["method"] = {k: v for k, v in relevant["method"].items() if not k.startswith("feature_cache")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -103,6 +108,8 @@ class RunStore:
 
     def save_checkpoint(self, task_index: int, state: dict) -> Path:
         path = self.ckpt_dir / f"task_{task_index:02d}.pt"
+        if not distributed.is_main():
+            return path
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "task": task_index, **state}, path)
         if self.keep == "last":
             for old in self.checkpoints():
@@ -135,7 +142,8 @@ class RunStore:
 
 def environment(device: torch.device) -> dict:
     """Versions, git sha and device: enough to tell two runs' software apart."""
-    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(), "device": str(device)}
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(), "device": str(device),
+           "world_size": distributed.world_size()}
     for mod in ("timm", "open_clip", "torchvision", "hydra", "numpy"):
         try:
             env[mod] = __import__(mod).__version__
@@ -157,7 +165,9 @@ def _fmt(v) -> str:
 
 
 def write_outputs(run_dir: Path, results: dict) -> None:
-    """results.json, accuracy_matrix.csv, summary.md and the plots."""
+    """results.json, accuracy_matrix.csv, summary.md and the plots (rank 0 only)."""
+    if not distributed.is_main():
+        return
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=float))
     mat = results["accuracy_matrix"]
     names = [t["name"] for t in results["tasks"]]

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from clcli import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,24 @@ class GaussianStats:
             self._n[k] += xk.shape[0]
             self._s1[k] += xk.sum(0)
             self._s2[k] += xk.T @ xk
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        """Sum the pending sums (n, Σx, Σxxᵀ) over the processes of a multi-process run, each of
+        which accumulated a shard of the data (``clcli.distributed``); call before ``finalize``. Keys
+        a process never saw count as zeros there. A no-op in a single process."""
+        if not distributed.is_active():
+            return
+        keys = sorted(set().union(*distributed.all_gather_object(sorted(self._n))))
+        d = self.dim
+        for k in keys:
+            if k in self._n:
+                s1, s2 = self._s1[k], self._s2[k]
+                buf = torch.cat([torch.tensor([float(self._n[k])], dtype=torch.float64, device=s1.device), s1, s2.reshape(-1)])
+            else:
+                buf = torch.zeros(1 + d + d * d, dtype=torch.float64)
+            buf = distributed.all_reduce_sum(buf)  # every rank ends with the sums on the same device
+            self._n[k], self._s1[k], self._s2[k] = int(buf[0].item()), buf[1 : 1 + d], buf[1 + d :].view(d, d)
 
     def finalize(self) -> list[int]:
         """Turn pending sums into mean/cov (+ Cholesky); returns the keys finalized. Keys that

@@ -1,4 +1,7 @@
-"""The training loop: build, then for every task begin/train/end/evaluate/checkpoint, then report."""
+"""The training loop: build, then for every task begin/train/end/evaluate/checkpoint, then report.
+
+Under ``torchrun`` every process runs this same loop on its shard of the data (``clcli.distributed``);
+only rank 0 writes files and prints."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +12,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from clcli import distributed
 from clcli.config import PRECISIONS, check_config
 from clcli.engine import Runtime, evaluate, resolve_device, seed_everything
 from clcli.errors import ConfigError
@@ -20,19 +24,27 @@ log = logging.getLogger("clcli")
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
-    """Run one experiment into ``run_dir`` and return its results (also written to results.json)."""
-    problems = check_config(cfg)
+    """Run one experiment into ``run_dir`` and return its results (also written to results.json).
+    Under torchrun: one process of a data-parallel run, all in rank 0's ``run_dir``."""
+    problems = check_config(cfg) + distributed.problems(cfg.optim.batch_size)
     if problems:
         raise ConfigError(problems)
+    with distributed.session(resolve_device(cfg.device)) as device:
+        return _run(cfg, Path(distributed.broadcast_object(str(run_dir))), choices, device)
+
+
+def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = RunStore(run_dir, config_fingerprint(resolved), keep=cfg.checkpoint.keep)
     store.guard_existing(cfg.resume)
-    if (done := store.existing_results()) is not None:
+    done = store.existing_results()
+    distributed.barrier()  # every rank has read the run dir before rank 0 writes to it
+    if done is not None:
         log.info("results in %s are complete; nothing to do", run_dir)
         return done
 
     t0 = time.perf_counter()
-    rt = Runtime(device=resolve_device(cfg.device), num_workers=cfg.loader.num_workers,
+    rt = Runtime(device=device, num_workers=cfg.loader.num_workers,
                  eval_batch_size=cfg.eval.batch_size, amp_dtype=PRECISIONS[cfg.precision],
                  max_loss_factor=cfg.guard.max_loss_factor, chance_loss_ratio=cfg.guard.chance_loss_ratio)
     train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
@@ -66,7 +78,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
             timings.append(t)
             row = matrix.percent()[task.index]
             log.info("after task %d: %s", task.index, np.round(row[~np.isnan(row)], 2).tolist())
-            store.save_checkpoint(task.index, {"method": method.state_dict(), "matrix": matrix.state_dict(), "timings": timings})
+            state = {"method": method.state_dict(), "matrix": matrix.state_dict(), "timings": timings}
+            distributed.check_in_sync(state["method"], f"after task {task.index}")
+            store.save_checkpoint(task.index, state)  # rank 0 writes
 
     acc = matrix.percent()
     kind = scenario.kind
@@ -90,6 +104,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
         "paper": resolved.get("paper"),
         "config": resolved,
     }
-    write_outputs(run_dir, results)
-    print_summary(results, rt.console)
+    write_outputs(run_dir, results)  # rank 0 writes and prints
+    if distributed.is_main():
+        print_summary(results, rt.console)
     return results

@@ -310,7 +310,7 @@ def test_config_keys_and_refusals(backbone, tmp_path):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=["method=diki", "data=synthetic_mtil", "backbone=tiny_clip"])
     assert cfg.method.feature_cache == "memory"
-    assert cfg.method.feature_cache_dir == "outputs/cache/features"  # ${paths.cache_dir}/features once that key exists
+    assert cfg.method.feature_cache_dir == f"{cfg.paths.cache_dir}/features"
     with pytest.raises(ConfigError, match="feature_cache"):
         DIKI(backbone=backbone, optim=OmegaConf.create(OPTIM), runtime=Runtime(), feature_cache="ram")
     with pytest.raises(ConfigError, match="feature_cache_dir"):

@@ -120,11 +120,13 @@ class SLCA:
 
     # ------------------------------------------------------------------ stages
     def _fit_statistics(self, task: Task) -> None:
-        """Per-class mean/covariance of the task's train images, test transform, eval mode, one pass."""
+        """Per-class mean/covariance of the task's train images, test transform, eval mode, one pass
+        (multi-process: each rank a block of the images, sums reduced across ranks)."""
         self.backbone.eval()
-        for f, y in extract_features(self.backbone, task.train_plain, self.rt,
-                                     batch_size=self.stats_cfg["batch_size"], description="class statistics"):
+        for f, y in extract_features(self.backbone, task.train_plain, self.rt, batch_size=self.stats_cfg["batch_size"],
+                                     description="class statistics", shard=True):
             self.stats.update(f, y)
+        self.stats.reduce()
         self.stats.finalize()
 
     def _align(self, task: Task) -> TaskHeads:
