@@ -46,7 +46,11 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.append(f"precision: expected one of {', '.join(PRECISIONS)}, got '{cfg.precision}'.")
     _num(cfg, "seed", problems, minimum=0, integer=True)
     _num(cfg, "train_seed", problems, minimum=0, integer=True)
-    _num(cfg, "loader.num_workers", problems, minimum=0, integer=True)
+    if cfg.loader.num_workers != "auto":
+        _num(cfg, "loader.num_workers", problems, minimum=0, integer=True)
+    for key in ("tf32", "compile", "channels_last"):
+        if not isinstance(cfg.perf[key], bool):
+            problems.append(f"perf.{key}: expected true or false, got {cfg.perf[key]!r}.")
     _num(cfg, "eval.batch_size", problems, minimum=1, integer=True)
     _num(cfg, "guard.max_loss_factor", problems, minimum=1)
     _num(cfg, "guard.chance_loss_ratio", problems, minimum=0)

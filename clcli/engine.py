@@ -43,6 +43,7 @@ class Runtime:
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     num_workers: int = 0
+    channels_last: bool = False  # NHWC image batches (CNNs on GPU); a layout change, same maths
     eval_batch_size: int = 256
     amp_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
     max_loss_factor: float = 10.0  # loss above factor·max(first loss, ln C) counts as divergence
@@ -65,8 +66,13 @@ class Runtime:
             dataset = distributed.shard(dataset)
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            pin_memory=pin, persistent_workers=False, generator=generator, drop_last=False,
+            pin_memory=pin, persistent_workers=self.num_workers > 0, generator=generator, drop_last=False,
         )
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch on the run's device (channels-last when asked and the batch is 4-D)."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -161,7 +167,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
                 loss, n = None, 0
                 if batch is not None:  # None: this rank's piece of a short last batch is empty
                     x, y = batch
-                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                    x, y = rt.images(x), y.to(rt.device, non_blocking=True)
                     with rt.autocast():
                         loss = step(x, y)
                     loss.backward()
@@ -192,7 +198,7 @@ def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], dataset, rt: Ru
     loader = rt.loader(dataset, batch_size or rt.eval_batch_size, shuffle=False, shard=shard)
     for x, y in rt.track(loader, description):
         with rt.autocast():
-            f = fn(x.to(rt.device, non_blocking=True))
+            f = fn(rt.images(x))
         yield f.float(), y.to(rt.device)
 
 
@@ -207,7 +213,7 @@ def evaluate(method, scenario, after: int, matrix, rt: Runtime) -> None:
         correct = total = 0
         for x, y in rt.track(loader, f"eval {task.name}"):
             with rt.autocast():
-                logits = method.predict(x.to(rt.device, non_blocking=True), candidates)
+                logits = method.predict(rt.images(x), candidates)
             pred = logits.argmax(1).cpu() + candidates.start
             correct += int((pred == y).sum())
             total += len(y)

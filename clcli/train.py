@@ -5,10 +5,12 @@ only rank 0 writes files and prints."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,6 +35,29 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
         return _run(cfg, Path(distributed.broadcast_object(str(run_dir))), choices, device)
 
 
+def loader_workers(setting, device) -> int:
+    """``auto``: no worker processes on CPU (they would compete with the model for the same cores),
+    up to 8 per process on a GPU machine, where decoding and augmentation must keep the GPU fed."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    per_process = (os.cpu_count() or 2) // max(distributed.world_size(), 1)
+    return max(0, min(8, per_process - 1))
+
+
+def apply_perf_options(perf, backbone) -> None:
+    """Opt-in speed settings. TF32 and torch.compile change float rounding (off by default);
+    channels-last only changes the memory layout (CNN backbones on GPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(perf.tf32)
+    if perf.tf32:  # cuDNN convolutions already default to TF32 in PyTorch (as in SLCA's torch 1.12)
+        torch.backends.cudnn.allow_tf32 = True
+    if perf.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    if perf.compile and hasattr(backbone, "model"):
+        backbone.model.compile()  # in place: state-dict keys (checkpoints) stay unchanged
+
+
 def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = RunStore(run_dir, config_fingerprint(resolved), keep=cfg.checkpoint.keep)
@@ -44,12 +69,14 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
         return done
 
     t0 = time.perf_counter()
-    rt = Runtime(device=device, num_workers=cfg.loader.num_workers,
+    rt = Runtime(device=device, num_workers=loader_workers(cfg.loader.num_workers, device),
+                 channels_last=cfg.perf.channels_last,
                  eval_batch_size=cfg.eval.batch_size, amp_dtype=PRECISIONS[cfg.precision],
                  max_loss_factor=cfg.guard.max_loss_factor, chance_loss_ratio=cfg.guard.chance_loss_ratio)
     train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
     seed_everything(train_seed)  # model construction (fresh norms, heads) is seeded too
     backbone = instantiate(cfg.backbone)
+    apply_perf_options(cfg.perf, backbone)
     method = instantiate(cfg.method, _partial_=True)(backbone=backbone, optim=cfg.optim, runtime=rt)
     scenario = method.prepare_scenario(instantiate(cfg.data).build(backbone))
     matrix = AccuracyMatrix(len(scenario))

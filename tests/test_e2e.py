@@ -55,3 +55,24 @@ def test_runs_are_deterministic_on_cpu(tmp_path, tiny_overrides):
     a = run_tiny(tmp_path, tiny_overrides + ["method=slca"], "a")
     b = run_tiny(tmp_path, tiny_overrides + ["method=slca"], "b")
     assert np.array_equal(np.array(a["counts"]["correct"]), np.array(b["counts"]["correct"]))
+
+
+def test_channels_last_is_a_layout_change_only(tmp_path, tiny_overrides):
+    common = tiny_overrides + ["method=frozen", "guard.chance_loss_ratio=0", "backbone=efficientnet_lite0",
+                               "backbone.input_size=32"]
+    a = run_tiny(tmp_path, common, "a")
+    b = run_tiny(tmp_path, common + ["perf.channels_last=true"], "b")
+    assert a["counts"] == b["counts"]
+
+
+def test_loader_workers_and_perf_validation():
+    import torch
+
+    from clcli.config import check_config
+    from clcli.train import loader_workers
+    from conftest import compose
+
+    assert loader_workers("auto", torch.device("cpu")) == 0
+    assert loader_workers(3, torch.device("cpu")) == 3
+    problems = check_config(compose(["data=synthetic", "backbone=tiny_vit", "perf.tf32=maybe", "loader.num_workers=-1"]))
+    assert any("perf.tf32" in p for p in problems) and any("loader.num_workers" in p for p in problems)
