@@ -43,15 +43,6 @@ def optim_cfg(**kw):
     return OmegaConf.create({**OPTIM, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: intra-op threads only add spin-waiting (measured ~4x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def backbone():
     torch.manual_seed(0)

@@ -33,14 +33,6 @@ OPTIM = {"name": "sgd", "lr": {"representation": 5.0, "classifier": 5.0}, "momen
 EVAL_BS = 10  # several batches per synthetic test set (24-40 images), partial last batches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def backbone():
     torch.manual_seed(0)
