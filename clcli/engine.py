@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -35,6 +36,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def loader_workers(setting, device) -> int:
+    """``auto``: no worker processes on CPU (they would compete with the model for the same cores),
+    up to 8 per process on a GPU machine, where decoding and augmentation must keep the GPU fed."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    per_process = (os.cpu_count() or 2) // max(distributed.world_size(), 1)
+    return max(0, min(8, per_process - 1))
+
+
+def apply_perf_options(perf, backbone) -> None:
+    """Opt-in speed settings. TF32 and torch.compile change float rounding (off by default);
+    channels-last only changes the memory layout (CNN backbones on GPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(perf.tf32)
+    if perf.tf32:  # cuDNN convolutions already default to TF32 in PyTorch (as in SLCA's torch 1.12)
+        torch.backends.cudnn.allow_tf32 = True
+    if perf.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    if perf.compile and hasattr(backbone, "model"):
+        backbone.model.compile()  # in place: state-dict keys (checkpoints) stay unchanged
 
 
 @dataclass

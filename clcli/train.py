@@ -5,18 +5,16 @@ only rank 0 writes files and prints."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clcli import distributed
 from clcli.config import PRECISIONS, check_config
-from clcli.engine import Runtime, evaluate, resolve_device, seed_everything
+from clcli.engine import Runtime, apply_perf_options, evaluate, loader_workers, resolve_device, seed_everything
 from clcli.errors import ConfigError
 from clcli.evaluation import AccuracyMatrix, cil_metrics, mtil_metrics
 from clcli.results import RunStore, config_fingerprint, environment, write_outputs
@@ -33,29 +31,6 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
         raise ConfigError(problems)
     with distributed.session(resolve_device(cfg.device)) as device:
         return _run(cfg, Path(distributed.broadcast_object(str(run_dir))), choices, device)
-
-
-def loader_workers(setting, device) -> int:
-    """``auto``: no worker processes on CPU (they would compete with the model for the same cores),
-    up to 8 per process on a GPU machine, where decoding and augmentation must keep the GPU fed."""
-    if setting != "auto":
-        return int(setting)
-    if device.type != "cuda":
-        return 0
-    per_process = (os.cpu_count() or 2) // max(distributed.world_size(), 1)
-    return max(0, min(8, per_process - 1))
-
-
-def apply_perf_options(perf, backbone) -> None:
-    """Opt-in speed settings. TF32 and torch.compile change float rounding (off by default);
-    channels-last only changes the memory layout (CNN backbones on GPU)."""
-    torch.backends.cuda.matmul.allow_tf32 = bool(perf.tf32)
-    if perf.tf32:  # cuDNN convolutions already default to TF32 in PyTorch (as in SLCA's torch 1.12)
-        torch.backends.cudnn.allow_tf32 = True
-    if perf.channels_last:
-        backbone.to(memory_format=torch.channels_last)
-    if perf.compile and hasattr(backbone, "model"):
-        backbone.model.compile()  # in place: state-dict keys (checkpoints) stay unchanged
 
 
 def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:

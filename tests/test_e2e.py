@@ -69,7 +69,7 @@ def test_loader_workers_and_perf_validation():
     import torch
 
     from clcli.config import check_config
-    from clcli.train import loader_workers
+    from clcli.engine import loader_workers
     from conftest import compose
 
     assert loader_workers("auto", torch.device("cpu")) == 0
