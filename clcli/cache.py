@@ -348,8 +348,8 @@ class FeatureCache:
                      "transform": transform_identity(getattr(dataset, "transform", None))}
         try:
             self._data_memo[dataset] = (signature, ident)
-        except TypeError:
-            pass
+        except TypeError:  # an unhashable dataset is simply not memoized: the identity is recomputed
+            return ident
         return ident
 
     def key(self, backbone, dataset, *, name: str, split: str, device: torch.device,

@@ -147,8 +147,8 @@ def environment(device: torch.device) -> dict:
     for mod in ("timm", "open_clip", "torchvision", "hydra", "numpy"):
         try:
             env[mod] = __import__(mod).__version__
-        except Exception:
-            pass
+        except ImportError:
+            env[mod] = None  # not installed
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -176,10 +176,7 @@ def write_outputs(run_dir: Path, results: dict) -> None:
         lines.append(f"{names[i]}," + ",".join(_fmt(v) for v in row))
     atomic_write_text(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
     atomic_write_text(run_dir / "summary.md", summary_markdown(results))
-    try:
-        write_plots(run_dir, results)
-    except ImportError:
-        pass
+    write_plots(run_dir, results)
 
 
 def headline(results: dict) -> dict[str, float | None]:

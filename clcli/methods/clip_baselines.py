@@ -122,10 +122,10 @@ class _PromptClassifierCLIP:
         return scenario
 
     def begin_task(self, task: Task) -> None:
-        pass
+        """Nothing per task: the prompts of every dataset are tokenized once in prepare_scenario."""
 
     def end_task(self, task: Task) -> None:
-        pass
+        """Nothing after training: no statistics, no alignment (the baselines' definition)."""
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
@@ -150,13 +150,13 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
         self._text: dict[tuple[int, int], torch.Tensor] = {}
 
     def train_task(self, task: Task) -> None:
-        pass  # zero-shot: nothing to learn
+        """Zero-shot CLIP learns nothing."""
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """No state: the frozen backbone is rebuilt from its weights."""
 
     def summary(self) -> dict:
         return {"trainable_parameters": 0, "logit_scale": self.backbone.logit_scale}

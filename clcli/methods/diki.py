@@ -258,7 +258,7 @@ class DIKI:
         self.history.append(record)
 
     def end_task(self, task: Task) -> None:
-        pass
+        """Nothing: the task's Gaussian is fitted in begin_task, before training (spec §4.1)."""
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
