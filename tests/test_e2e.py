@@ -76,3 +76,16 @@ def test_loader_workers_and_perf_validation():
     assert loader_workers(3, torch.device("cpu")) == 3
     problems = check_config(compose(["data=synthetic", "backbone=tiny_vit", "perf.tf32=maybe", "loader.num_workers=-1"]))
     assert any("perf.tf32" in p for p in problems) and any("loader.num_workers" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains_and_checkpoints(tmp_path, tiny_overrides):
+    """perf.compile compiles the backbone in place (about a minute of inductor work on CPU): the run
+    completes, checkpoint keys are the plain module's, and on this tiny run predictions agree."""
+    import torch
+
+    a = run_tiny(tmp_path, tiny_overrides + ["method=slca"], "a")
+    b = run_tiny(tmp_path, tiny_overrides + ["method=slca", "perf.compile=true"], "b")
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    state = torch.load(tmp_path / "b" / "checkpoints" / "task_02.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in state["method"]["backbone"])
