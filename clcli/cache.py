@@ -479,3 +479,48 @@ class FeatureCache:
             log.info("feature cache: computed %d %s/%s features", len(entry), name, split)
         self.put(key, entry, keep_in_memory)
         return entry
+
+
+class FrozenEvalFeatures:
+    """Frozen image features of a scenario's test sets for ``predict``: each test set is encoded once
+    per run (memory) or read back from disk, then served batch by batch (DIKI spec §7 item 4).
+
+    A batch gets cached features only when it is exactly one of the test set's loader batches
+    (``engine.evaluate``: unshuffled, ``eval.batch_size``, same device and autocast; checked by image
+    hashes), so the result is bit-identical to encoding it; anything else is encoded as usual.
+    The features are ``backbone.features`` (L2-normalised frozen image features); ``tasks`` is set
+    from the scenario (``prepare_scenario``).
+    """
+
+    def __init__(self, cache: FeatureCache, backbone, rt):
+        self.cache, self.backbone, self.rt = cache, backbone, rt
+        self.tasks: list = []
+
+    def __call__(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
+        """float32 features of an eval batch of task ``dataset``'s test set."""
+        entry = self._entry(images, dataset)
+        if entry is not None:
+            f = entry.lookup(images)
+            if f is not None:
+                return f
+        return self.backbone.features(images).float()
+
+    def _entry(self, images: torch.Tensor, dataset: int) -> CachedFeatures | None:
+        """The cache entry of ``dataset``'s test set, filled on the first batch of a full-size pass;
+        None where the cache cannot apply."""
+        if not self.cache.enabled or not 0 <= dataset < len(self.tasks):
+            return None
+        rt = self.rt
+        if not same_device(images.device, rt.device) or not autocast_matches(images.device, rt.amp_dtype):
+            return None  # not the context the entry is computed in (engine.evaluate's)
+        task = self.tasks[dataset]
+        # shard: in a multi-process run engine.evaluate reads this process's block of the test set
+        key = self.cache.key(self.backbone, task.test, name=task.name, split="test", device=rt.device,
+                             amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True)
+        if key is None:
+            return None
+        entry = self.cache.get(key)
+        if entry is None and images.shape[0] == min(rt.eval_batch_size, key["dataset"]["rows"]):  # a first batch?
+            entry = self.cache.features(self.backbone, task.test, rt, name=task.name, split="test",
+                                        key=key, shard=True, description=f"frozen features {task.name}")
+        return entry

@@ -23,7 +23,7 @@ from clcli.data.mtil_data import SyntheticMTILData
 from clcli.engine import Runtime, evaluate
 from clcli.errors import ConfigError
 from clcli.evaluation import AccuracyMatrix
-from clcli.methods.clip_baselines import clip_backbone
+from clcli.methods.clip_baselines import ZeroShotCLIP, clip_backbone
 from clcli.methods.diki import DIKI
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -337,3 +337,28 @@ def test_sharded_evaluation_gets_its_own_block(backbone, scenario, monkeypatch):
     entries = list(cached.features.entries())
     assert sorted(len(e) for e in entries) == sorted(b - a for a, b in blocks)
     assert sum(e.served for e in entries) == len(log_c) and sum(e.missed for e in entries) == 0
+
+
+def test_zeroshot_encodes_each_test_set_once_per_run(backbone, scenario, monkeypatch):
+    """Zero-shot CLIP over the T x T protocol: stage 0 encodes every test set, later stages nothing;
+    logits bit-identical to the uncached method."""
+    cached = ZeroShotCLIP(backbone, None, Runtime(eval_batch_size=EVAL_BS), feature_cache="memory")
+    plain = ZeroShotCLIP(backbone, None, Runtime(eval_batch_size=EVAL_BS), feature_cache="off")
+    for m in (cached, plain):
+        m.prepare_scenario(scenario)
+    log_c, log_p = recording(cached), recording(plain)
+    calls = count_frozen_passes(monkeypatch, backbone)
+    T = len(scenario)
+    mats = {"c": AccuracyMatrix(T), "p": AccuracyMatrix(T)}
+    n_test = sum(len(t.test) for t in scenario.tasks)
+    for after in range(T):
+        before = calls["images"]
+        evaluate(cached, scenario, after, mats["c"], cached.rt)
+        assert calls["images"] - before == (n_test if after == 0 else 0)
+        before = calls["images"]
+        evaluate(plain, scenario, after, mats["p"], plain.rt)
+        assert calls["images"] - before == n_test  # the uncached method re-encodes every stage
+    assert len(log_c) == len(log_p) and all(torch.equal(a, b) for a, b in zip(log_c, log_p))
+    assert mats["c"].state_dict() == mats["p"].state_dict()
+    with pytest.raises(ConfigError, match="method.feature_cache"):
+        ZeroShotCLIP(backbone, None, Runtime(), feature_cache="sometimes")

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from clcli import optim as optim_lib
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, fit
+from clcli.cache import MODES as FEATURE_CACHE_MODES
+from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.errors import ConfigError
 from clcli.models.clip import ClipBackbone
 
@@ -132,22 +134,39 @@ class _PromptClassifierCLIP:
         key = (candidates.start, candidates.stop)
         if key not in self._text:
             self._text[key] = self.backbone.encode_text(self.bank.tokens(candidates, self.rt.device))
-        return cosine_logits(self.backbone.encode_image(images), self._text[key], self.backbone.logit_scale)
+        return cosine_logits(self.image_features(images, candidates), self._text[key], self.backbone.logit_scale)
+
+    def image_features(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        """Normalised image features of an eval batch (the encoders of the subclass, as they are now)."""
+        return self.backbone.encode_image(images)
 
 
 class ZeroShotCLIP(_PromptClassifierCLIP):
     """Frozen CLIP with the tasks' prompts: nothing is trained (the MTIL "Zero-shot" row).
 
-    Text features of a candidate range are computed once and cached: the encoders never change, so
-    the cache is exact.
+    The encoders never change, so both caches are exact: text features per candidate range, and
+    (``feature_cache``: memory | disk | off) each test set's image features, encoded once per run
+    instead of once per stage (:class:`clcli.cache.FrozenEvalFeatures`).
     """
 
-    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip"):
+    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
+                 feature_cache: str = "memory", feature_cache_dir: str | None = None):
         require_clip(backbone, "zeroshot")
+        if feature_cache not in FEATURE_CACHE_MODES or (feature_cache == "disk" and not feature_cache_dir):
+            raise ConfigError([f"method.feature_cache: expected one of {', '.join(FEATURE_CACHE_MODES)} "
+                               f"(disk needs method.feature_cache_dir), got {feature_cache!r}."])
         self.backbone = backbone.to(runtime.device)
         self.rt = runtime
         self.bank: PromptBank | None = None
         self._text: dict[tuple[int, int], torch.Tensor] = {}
+        self.frozen = FrozenEvalFeatures(FeatureCache(feature_cache, feature_cache_dir), self.backbone, runtime)
+
+    def prepare_scenario(self, scenario: Scenario) -> Scenario:
+        self.frozen.tasks = list(scenario.tasks)
+        return super().prepare_scenario(scenario)
+
+    def image_features(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        return self.frozen(images, self.bank.task_of(candidates))
 
     def train_task(self, task: Task) -> None:
         """Zero-shot CLIP learns nothing."""

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from clcli import optim as optim_lib
 from clcli.cache import MODES as FEATURE_CACHE_MODES
-from clcli.cache import FeatureCache, autocast_matches, same_device
+from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
@@ -182,7 +182,7 @@ class DIKI:
         self._text_cache: dict[tuple[int, int | None], torch.Tensor] = {}
         # Frozen image features of the test sets (and, on disk, of the train sets), spec §7 item 4.
         self.features = FeatureCache(feature_cache, feature_cache_dir)
-        self.tasks: list[Task] = []
+        self.frozen = FrozenEvalFeatures(self.features, backbone, runtime)  # test sets' frozen features
 
     # ------------------------------------------------------------------ protocol
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
@@ -193,7 +193,7 @@ class DIKI:
                 "mtil_order2, mtil_fewshot or synthetic_mtil."
             ])
         self.bank = PromptBank(self.backbone, scenario)
-        self.tasks = list(scenario.tasks)
+        self.frozen.tasks = list(scenario.tasks)
         return scenario
 
     def begin_task(self, task: Task) -> None:
@@ -266,7 +266,7 @@ class DIKI:
         tokens = self.bank.tokens(candidates, self.rt.device)
         scale = self.model.logit_scale
         learned = self.stats.keys
-        frozen = self._frozen_features(images, dataset)  # cached across stages where exact (§7 item 4)
+        frozen = self.frozen(images, dataset)  # cached across stages where exact (§7 item 4)
         if not learned:  # nothing learned yet: the model is zero-shot CLIP (the reference crashes, §8 item 13)
             return cosine_logits(frozen, self._text(dataset, tokens, None, 0.0), scale)
         tasks, _, w = calibrate(self.stats, frozen, learned, self.calibration["scale"], self.calibration["shift"])
@@ -293,38 +293,6 @@ class DIKI:
             return
         for f, _ in extract_features(self.backbone.features, task.train_plain, self.rt, description=f"Gaussian {task.name}"):
             yield f
-
-    def _frozen_features(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
-        """float32 normalised frozen CLIP features of an eval batch of ``dataset``: the cached ones when
-        ``images`` is exactly one of the test set's loader batches (``engine.evaluate``: unshuffled,
-        ``eval.batch_size``), else computed. Both are bit-identical: the cache entry was computed from
-        the same batches in the same context (device, autocast, weights; :mod:`clcli.cache`)."""
-        entry = self._test_features(images, dataset)
-        if entry is not None:
-            f = entry.lookup(images)
-            if f is not None:
-                return f
-        return self.backbone.features(images).float()
-
-    def _test_features(self, images: torch.Tensor, dataset: int):
-        """The cache entry of ``dataset``'s test set, filled on the first batch of a full-size pass
-        (one frozen pass over the test set per run); None where the cache cannot apply."""
-        if not self.features.enabled or not 0 <= dataset < len(self.tasks):
-            return None
-        rt = self.rt
-        if not same_device(images.device, rt.device) or not autocast_matches(images.device, rt.amp_dtype):
-            return None  # not the context the entry is computed in (engine.evaluate's)
-        test = self.tasks[dataset].test
-        # shard: in a multi-process run engine.evaluate reads this process's block of the test set
-        key = self.features.key(self.backbone, test, name=self.tasks[dataset].name, split="test", device=rt.device,
-                                amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True)
-        if key is None:
-            return None
-        entry = self.features.get(key)
-        if entry is None and images.shape[0] == min(rt.eval_batch_size, key["dataset"]["rows"]):  # a first batch?
-            entry = self.features.features(self.backbone, test, rt, name=self.tasks[dataset].name, split="test",
-                                           key=key, shard=True, description=f"frozen features {self.tasks[dataset].name}")
-        return entry
 
     def _text(self, dataset: int, tokens: torch.Tensor, task: int | None, weight) -> torch.Tensor:
         """Text features of ``dataset``'s prompts with ``task``'s residual scaled by the scalar
