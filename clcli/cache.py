@@ -216,8 +216,8 @@ def _library_versions() -> dict[str, str]:
 
             for codec in ("jpg", "zlib"):
                 _VERSIONS[f"PIL_{codec}"] = str(features.version(codec))
-        except Exception:  # noqa: BLE001 - older Pillow: the Pillow version stands for its codecs
-            pass
+        except Exception:  # noqa: BLE001 - older Pillow has no codec query
+            _VERSIONS["PIL_codecs"] = "unknown"  # the Pillow version then stands for its codecs
     return dict(_VERSIONS)
 
 

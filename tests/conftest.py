@@ -45,3 +45,22 @@ def run_tiny(tmp_path: Path, overrides: list[str], name: str = "run") -> dict:
 @pytest.fixture
 def tiny_overrides():
     return ["data=synthetic", "backbone=tiny_vit", "device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A tiny random-init open_clip model (registered config, offline tokenizer), built once."""
+    import torch
+
+    from clcli.methods.clip_baselines import clip_backbone
+
+    torch.manual_seed(0)
+    return clip_backbone(model_name="tiny-clip", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def synthetic_mtil(tiny_clip):
+    """The synthetic MTIL scenario (three generated datasets) seen through the tiny CLIP."""
+    from clcli.data.mtil_data import SyntheticMTILData
+
+    return SyntheticMTILData().build(tiny_clip)

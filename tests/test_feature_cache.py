@@ -34,14 +34,13 @@ EVAL_BS = 10  # several batches per synthetic test set (24-40 images), partial l
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return clip_backbone(model_name="tiny-clip", precision="fp32")
+def backbone(tiny_clip):
+    return tiny_clip
 
 
 @pytest.fixture(scope="module")
-def scenario(backbone):
-    return SyntheticMTILData().build(backbone)
+def scenario(synthetic_mtil):
+    return synthetic_mtil
 
 
 def make_diki(backbone, scenario, mode="memory", eval_bs=EVAL_BS, **kw) -> DIKI:

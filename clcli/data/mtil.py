@@ -39,6 +39,8 @@ food, mnist, oxford_pet, cars, sun397``. :func:`make_mtil_source` builds one fro
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import logging
 import os
@@ -168,7 +170,7 @@ def _problem(name: str, what: str, path: str, layout: str, get_it: str) -> str:
     return f"{name}: {what} {path} is missing. Expected layout: {layout}. Get it: {get_it}"
 
 
-class _SplitFileSource:
+class _SplitFileSource(abc.ABC):
     """Shared plumbing of the sources whose splits come from files under ``root`` (the CoOp split
     sources and FGVC-Aircraft): lazily built on first :meth:`load` / :attr:`info`, missing or unreadable
     files reported as :class:`MissingDatasetError`.
@@ -198,8 +200,9 @@ class _SplitFileSource:
             self._build_or_raise()
         return self._info
 
+    @abc.abstractmethod
     def problems(self) -> list[str]:
-        raise NotImplementedError
+        """What is missing on disk (cheap stat calls), per dataset layout."""
 
     def load(self, split: str) -> SplitData:
         if split not in SPLITS:
@@ -218,8 +221,9 @@ class _SplitFileSource:
         except (OSError, ValueError) as exc:  # unreadable or malformed split/list files
             raise MissingDatasetError(f"{self.name}: cannot read the split files under {self.root}: {exc}") from exc
 
+    @abc.abstractmethod
     def _build(self) -> None:
-        raise NotImplementedError
+        """Read the split files into ``self._data`` and ``self._info``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,7 +672,7 @@ MNIST_NAMES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
                "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
 
 
-class _TorchvisionTrainValSource:
+class _TorchvisionTrainValSource(abc.ABC):
     """Official train/test files read through torchvision; val = ``val_fraction`` of every class of the
     official train split, train = the rest, drawn once with ``random.Random(split_seed)``
     (:func:`per_class_train_val_split`; spec §1.2 and the §5.3 fix). Items are uint8 arrays."""
@@ -700,8 +704,9 @@ class _TorchvisionTrainValSource:
             for f in self.files if not os.path.isfile(os.path.join(self.root, f))
         ]
 
+    @abc.abstractmethod
     def _official(self, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        raise NotImplementedError
+        """The official train or test split: images, labels, class names."""
 
     def _read_official(self, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """:meth:`_official` with torchvision's failures (no network for the download, corrupt or
