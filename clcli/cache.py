@@ -53,7 +53,23 @@ log = logging.getLogger("clcli")
 
 FORMAT = "clcli-features-v1"
 MODES = ("memory", "disk", "off")
+# What a cached feature is, by name (part of every key, so the name and the function cannot disagree):
+# ``features``: CLIP's L2-normalised ``encode_image`` (DIKI, zero-shot CLIP); ``forward``: the
+# backbone's output, e.g. a timm ViT's CLS token after the final norm (SLCA's frozen baseline).
+FEATURE_FUNCTIONS: dict[str, Callable] = {
+    "features": lambda backbone, x: backbone.features(x),
+    "forward": lambda backbone, x: backbone(x),
+}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def mode_problems(mode: Any, directory: Any) -> list[str]:
+    """What is wrong with ``method.feature_cache`` / ``method.feature_cache_dir`` (empty: fine)."""
+    if mode not in MODES:
+        return [f"method.feature_cache: expected one of {', '.join(MODES)}, got {mode!r}."]
+    if mode == "disk" and not directory:
+        return ["method.feature_cache=disk needs method.feature_cache_dir (a folder for the cached features)."]
+    return []
 
 
 # ---------------------------------------------------------------------------- image hashes
@@ -126,10 +142,17 @@ class CachedFeatures:
     def lookup(self, images: torch.Tensor) -> torch.Tensor | None:
         """The float32 features of ``images`` (on their device) if ``images`` is exactly one of the
         dataset's loader batches (same size, same image bits in the same order), else ``None``."""
-        if self.hashes is None or self.spec != image_spec(images):
+        f = self.match(images)
+        if f is None:
             self.missed += 1
+        return f
+
+    def match(self, images: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor | None:
+        """:meth:`lookup` without counting a miss; ``h``: ``image_hashes(images)`` if already known
+        (one hash serves a search over several entries)."""
+        if self.hashes is None or self.spec != image_spec(images):
             return None
-        h = image_hashes(images)
+        h = image_hashes(images) if h is None else h
         if self._index is None:
             self._index = {}
             for j in range(self.num_batches):
@@ -142,7 +165,6 @@ class CachedFeatures:
                 self._next = (j + 1) % self.num_batches
                 self.served += 1
                 return self.features[rows].to(device=images.device, dtype=torch.float32, copy=True)
-        self.missed += 1
         return None
 
 
@@ -317,6 +339,8 @@ class FeatureCache:
         t = type(backbone)
         return {
             "class": f"{t.__module__}.{t.__qualname__}",
+            # train mode changes dropout and batch-norm outputs: features are keyed by it too
+            "training": any(m.training for m in backbone.modules()),
             "model_name": getattr(backbone, "model_name", None),
             "weights_identity": getattr(backbone, "weights_identity", None),
             "precision": getattr(backbone, "precision", None),
@@ -357,6 +381,8 @@ class FeatureCache:
             shard: bool = False) -> dict | None:
         """The full key of a dataset's features, or None when the dataset cannot be fingerprinted.
         ``shard``: only this process's block of the dataset in a multi-process run (:func:`shard_piece`)."""
+        if feature not in FEATURE_FUNCTIONS:
+            raise ValueError(f"feature cache: unknown feature {feature!r} (known: {', '.join(FEATURE_FUNCTIONS)})")
         data = self.dataset_identity(dataset)
         if data is None:
             return None
@@ -441,9 +467,9 @@ class FeatureCache:
     # ------------------------------------------------------------ get or compute
     def features(self, backbone, dataset, rt, *, name: str, split: str, hashes: bool = True,
                  keep_in_memory: bool = True, description: str | None = None,
-                 key: dict | None = None, shard: bool = False) -> CachedFeatures:
-        """The L2-normalised frozen features of ``dataset`` (``backbone.features``), from the cache
-        or computed with :func:`clcli.engine.extract_features` (batches of ``rt.eval_batch_size``,
+                 key: dict | None = None, shard: bool = False, feature: str = "features") -> CachedFeatures:
+        """The frozen features of ``dataset`` (``feature``, a name of :data:`FEATURE_FUNCTIONS`;
+        default CLIP's L2-normalised ``backbone.features``), from the cache or computed with :func:`clcli.engine.extract_features` (batches of ``rt.eval_batch_size``,
         under ``rt.autocast()``) and stored. ``hashes``: also record every input image's hashes
         (needed for :meth:`CachedFeatures.lookup`); an entry without them is recomputed if asked.
         ``shard``: this process's block only in a multi-process run (as ``engine.evaluate`` reads it);
@@ -452,7 +478,10 @@ class FeatureCache:
 
         if key is None:
             key = self.key(backbone, dataset, name=name, split=split, device=rt.device,
-                           amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=shard)
+                           amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=shard, feature=feature)
+        elif key["feature"] != feature:
+            raise ValueError(f"feature cache: key of feature {key['feature']!r} given for feature {feature!r}")
+        encode = FEATURE_FUNCTIONS[feature]
         entry = self.get(key, keep_in_memory)
         if entry is not None and (entry.hashes is not None or not hashes):
             return entry
@@ -463,7 +492,7 @@ class FeatureCache:
             if hashes:
                 recorded.append(image_hashes(x))
                 spec[:] = [image_spec(x)]
-            return backbone.features(x)
+            return encode(backbone, x)
 
         sharded = {"shard": True} if shard and shard_piece(len(dataset)) is not None else {}
         chunks = [f.cpu() for f, _ in extract_features(fn, dataset, rt, description=description or f"features {name}/{split}",
@@ -483,17 +512,27 @@ class FeatureCache:
 
 class FrozenEvalFeatures:
     """Frozen image features of a scenario's test sets for ``predict``: each test set is encoded once
-    per run (memory) or read back from disk, then served batch by batch (DIKI spec §7 item 4).
+    per run (memory) or read back from disk, then served batch by batch (DIKI spec §7 item 4; SLCA's
+    frozen-backbone baseline).
 
     A batch gets cached features only when it is exactly one of the test set's loader batches
     (``engine.evaluate``: unshuffled, ``eval.batch_size``, same device and autocast; checked by image
     hashes), so the result is bit-identical to encoding it; anything else is encoded as usual.
-    The features are ``backbone.features`` (L2-normalised frozen image features); ``tasks`` is set
-    from the scenario (``prepare_scenario``).
+    ``feature`` names the features (:data:`FEATURE_FUNCTIONS`: ``features`` = CLIP's L2-normalised
+    image features, ``forward`` = the backbone's output); ``tasks`` is set from the scenario
+    (``prepare_scenario``). Two ways to ask:
+
+    - ``frozen(images, dataset)``: the batch comes from task ``dataset``'s test set (MTIL, where the
+      candidates name the dataset);
+    - ``frozen.among(images, candidates)``: from the test set of any task whose labels lie within
+      ``candidates`` (class-incremental evaluation over all seen classes, where the task under
+      evaluation is not named; the image hashes find it).
     """
 
-    def __init__(self, cache: FeatureCache, backbone, rt):
-        self.cache, self.backbone, self.rt = cache, backbone, rt
+    def __init__(self, cache: FeatureCache, backbone, rt, feature: str = "features"):
+        if feature not in FEATURE_FUNCTIONS:
+            raise ValueError(f"unknown feature {feature!r} (known: {', '.join(FEATURE_FUNCTIONS)})")
+        self.cache, self.backbone, self.rt, self.feature = cache, backbone, rt, feature
         self.tasks: list = []
 
     def __call__(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
@@ -503,7 +542,34 @@ class FrozenEvalFeatures:
             f = entry.lookup(images)
             if f is not None:
                 return f
-        return self.backbone.features(images).float()
+        return self._encode(images)
+
+    def among(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+        """float32 features of an eval batch of the test set of a task whose labels lie within
+        ``candidates``; the entries of those test sets are filled on a first batch of a full-size pass."""
+        entries = [self._entry(images, t.index) for t in self.tasks
+                   if candidates.start <= t.labels.start and t.labels.stop <= candidates.stop]
+        entries = [e for e in entries if e is not None]
+        if entries:
+            h = image_hashes(images)
+            for entry in entries:
+                f = entry.match(images, h)
+                if f is not None:
+                    return f
+            entries[0].missed += 1
+        return self._encode(images)
+
+    def report(self) -> dict:
+        """What the cache did this run (for results.json): datasets encoded and read from disk (this
+        cache's, test sets and any others it holds), eval batches served from entries or encoded
+        because they matched no loader batch."""
+        entries = self.cache.entries()
+        return {"mode": self.cache.mode, "feature": self.feature,
+                "datasets_encoded": self.cache.counts["computed"], "disk_reads": self.cache.counts["disk_reads"],
+                "batches_served": sum(e.served for e in entries), "batches_encoded": sum(e.missed for e in entries)}
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return FEATURE_FUNCTIONS[self.feature](self.backbone, images).float()
 
     def _entry(self, images: torch.Tensor, dataset: int) -> CachedFeatures | None:
         """The cache entry of ``dataset``'s test set, filled on the first batch of a full-size pass;
@@ -516,11 +582,11 @@ class FrozenEvalFeatures:
         task = self.tasks[dataset]
         # shard: in a multi-process run engine.evaluate reads this process's block of the test set
         key = self.cache.key(self.backbone, task.test, name=task.name, split="test", device=rt.device,
-                             amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True)
+                             amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True, feature=self.feature)
         if key is None:
             return None
         entry = self.cache.get(key)
         if entry is None and images.shape[0] == min(rt.eval_batch_size, key["dataset"]["rows"]):  # a first batch?
-            entry = self.cache.features(self.backbone, task.test, rt, name=task.name, split="test",
-                                        key=key, shard=True, description=f"frozen features {task.name}")
+            entry = self.cache.features(self.backbone, task.test, rt, name=task.name, split="test", key=key,
+                                        shard=True, feature=self.feature, description=f"frozen features {task.name}")
         return entry

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 USAGE = """usage: clcli <command> [args]
@@ -49,19 +51,29 @@ def _train(cfg):
     return _guarded(lambda: run(cfg, Path(hc.runtime.output_dir), choices))
 
 
+_invalid_jobs: list[str] = []
+
+
 def _validate(cfg):
     from rich.console import Console
 
     from clcli.config import check_config
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     problems = _guarded(lambda: check_config(cfg))
     console = Console()
+    hc = HydraConfig.get()
+    # a sweep validates every job: say which one each verdict is about
+    job = f"{' '.join(hc.overrides.task) or '(no overrides)'}: " if hc.mode == RunMode.MULTIRUN else ""
     if problems:
-        console.print(f"[red]{len(problems)} problem(s):[/red]")
+        console.print(f"{job}[red]{len(problems)} problem(s):[/red]", highlight=False)
         for p in problems:
             console.print(f"  - {p}", markup=False, highlight=False)
-        sys.exit(2)
-    console.print("[green]configuration is valid[/green]")
+        _invalid_jobs.append(job)  # every job of a sweep is checked; the exit code comes at the end
+        return
+    console.print(f"{job}[green]configuration is valid[/green]", highlight=False)
 
 
 def _guarded(fn):
@@ -90,10 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("train", "validate"):
         # Hydra parses sys.argv itself: drop our subcommand word first.
         sys.argv = [f"clcli {command}", *rest]
-        if command == "validate":
-            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-                         "hydra.run.dir=."]
-        _hydra_main(_train if command == "train" else _validate)()
+        if command == "train":
+            _hydra_main(_train)()
+            return
+        # validate writes nothing: no .hydra/ or log, and a sweep's folders go to a scratch dir
+        _invalid_jobs.clear()
+        scratch = tempfile.mkdtemp(prefix="clcli-validate-")
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                     "hydra.run.dir=.", f"hydra.sweep.dir={scratch}"]
+        try:
+            _hydra_main(_validate)()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if _invalid_jobs:
+            sys.exit(2)
     elif command == "table":
         from clcli.table import main as table_main
 

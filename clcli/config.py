@@ -35,6 +35,28 @@ def _num(cfg, key: str, problems: list[str], *, minimum: float | None = None, st
     return value
 
 
+def _method_problems(cfg: DictConfig) -> list[str]:
+    """The method class's own checks of its keys (``config_problems``, the same the constructor runs),
+    so that ``clcli validate`` reports them without loading a backbone."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    target = cfg.method.get("_target_")
+    try:
+        cls = get_class(target)
+    except Exception as exc:  # noqa: BLE001 - a bad _target_ is reported, not raised
+        return [f"method._target_: cannot import '{target}' ({exc})."]
+    check = getattr(cls, "config_problems", None)
+    if check is None:
+        return []
+    try:
+        kwargs = OmegaConf.to_container(cfg.method, resolve=True)
+        kwargs.pop("_target_", None)
+        return list(check(cfg.optim, **kwargs))
+    except (ValueError, TypeError, KeyError) as exc:  # e.g. a non-numeric lr, already reported by _num
+        return [f"method: cannot check the keys of {target} ({type(exc).__name__}: {exc})."]
+
+
 def check_config(cfg: DictConfig) -> list[str]:
     """Return every problem found in ``cfg`` (empty list = valid). Cheap: no data, no weights."""
     problems: list[str] = []
@@ -79,6 +101,7 @@ def check_config(cfg: DictConfig) -> list[str]:
         _num(cfg, "method.ca.samples_per_class", problems, minimum=1, integer=True)
         _num(cfg, "method.ca.lr", problems, minimum=0, strict=True)
         _num(cfg, "method.stats.ridge", problems, minimum=0, strict=True)
+    problems.extend(_method_problems(cfg))
     required = m.get("requires_backbone")
     if required and cfg.backbone.get("kind", "timm") != required:
         problems.append(

@@ -99,6 +99,23 @@ def test_validate_lists_every_problem(capsys):
     assert code == 0 and "valid" in out
 
 
+def test_validate_checks_method_keys_and_every_sweep_job_without_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # DIKI's own keys, checked without building CLIP (the constructor runs the same checks)
+    code, out = _cli(["validate", "method=diki", "data=synthetic_mtil", "backbone=tiny_clip", "method.n_tokens=0",
+                      "method.calibration.task_select=vote", "method.feature_cache=ram"], capsys)
+    assert code == 2
+    for fragment in ("method.n_tokens: expected an integer >= 1, got 0.", "task_select: expected one of batch, sample",
+                     "method.feature_cache: expected one of memory, disk, off, got 'ram'."):
+        assert fragment in out, out
+    # a sweep: every job is checked and named; one bad job fails the whole validation
+    code, out = _cli(["validate", "+sweep=smoke", "seed=1993,-1"], capsys)
+    assert code == 2
+    assert out.count("configuration is valid") == 2 and out.count("seed: must be >= 0, got -1.") == 2, out
+    assert "method=slow_learner seed=-1 +sweep=smoke: 1 problem(s)" in " ".join(out.split())
+    assert list(tmp_path.iterdir()) == []  # no outputs/sweeps/..., no .hydra, no log
+
+
 def test_existing_results_of_another_config_are_never_overwritten(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert _cli(["train", *TINY, "method=frozen", f"hydra.run.dir={run_dir}"], capsys)[0] == 0

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from clcli import optim as optim_lib
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, fit
-from clcli.cache import MODES as FEATURE_CACHE_MODES
-from clcli.cache import FeatureCache, FrozenEvalFeatures
+from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
 from clcli.errors import ConfigError
 from clcli.models.clip import ClipBackbone
 
@@ -152,14 +151,19 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
     def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
                  feature_cache: str = "memory", feature_cache_dir: str | None = None):
         require_clip(backbone, "zeroshot")
-        if feature_cache not in FEATURE_CACHE_MODES or (feature_cache == "disk" and not feature_cache_dir):
-            raise ConfigError([f"method.feature_cache: expected one of {', '.join(FEATURE_CACHE_MODES)} "
-                               f"(disk needs method.feature_cache_dir), got {feature_cache!r}."])
+        problems = self.config_problems(optim, feature_cache=feature_cache, feature_cache_dir=feature_cache_dir)
+        if problems:
+            raise ConfigError(problems)
         self.backbone = backbone.to(runtime.device)
         self.rt = runtime
         self.bank: PromptBank | None = None
         self._text: dict[tuple[int, int], torch.Tensor] = {}
         self.frozen = FrozenEvalFeatures(FeatureCache(feature_cache, feature_cache_dir), self.backbone, runtime)
+
+    @staticmethod
+    def config_problems(optim, *, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
+        """Problems of the method's keys (also run by ``clcli validate``)."""
+        return feature_cache_problems(feature_cache, feature_cache_dir)
 
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
         self.frozen.tasks = list(scenario.tasks)
@@ -178,7 +182,8 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
         """No state: the frozen backbone is rebuilt from its weights."""
 
     def summary(self) -> dict:
-        return {"trainable_parameters": 0, "logit_scale": self.backbone.logit_scale}
+        return {"trainable_parameters": 0, "logit_scale": self.backbone.logit_scale,
+                "feature_cache": self.frozen.report()}
 
 
 class ContinualCLIPFT(_PromptClassifierCLIP):
@@ -199,11 +204,7 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
     def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
                  optimizer: str = "adamw"):
         require_clip(backbone, "clip_ft")
-        problems = []
-        if optimizer not in OPTIMIZERS:
-            problems.append(f"method.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}.")
-        if not float(optim.lr.representation) > 0:
-            problems.append("optim.lr.representation: clip_ft fine-tunes CLIP with it; must be > 0.")
+        problems = self.config_problems(optim, optimizer=optimizer)
         if problems:
             raise ConfigError(problems)
         if backbone.dtype != torch.float32:
@@ -217,6 +218,16 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
         self.bank: PromptBank | None = None
         self._text: dict[tuple[int, int], torch.Tensor] = {}
         self.history: list[dict] = []
+
+    @staticmethod
+    def config_problems(optim, *, optimizer="adamw", **_) -> list[str]:
+        """Problems of the method's keys (also run by ``clcli validate``)."""
+        problems = []
+        if optimizer not in OPTIMIZERS:
+            problems.append(f"method.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}.")
+        if not float(optim.lr.representation) > 0:
+            problems.append("optim.lr.representation: clip_ft fine-tunes CLIP with it; must be > 0.")
+        return problems
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.backbone.model.named_parameters() if n != "logit_scale"]

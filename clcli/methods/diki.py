@@ -52,8 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from clcli import optim as optim_lib
-from clcli.cache import MODES as FEATURE_CACHE_MODES
-from clcli.cache import FeatureCache, FrozenEvalFeatures
+from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
 from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
@@ -66,6 +65,7 @@ log = logging.getLogger("clcli")
 DIKI_DEPTH = 8  # residual pools in the first 8 of ViT-B/16's 12 blocks, both encoders (spec §3.2)
 PARAM_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 TASK_SELECT = ("batch", "sample")
+CALIBRATION = {"scale": 512.0, "shift": 1.0, "cov_ridge": 1e-7, "task_select": "batch"}  # spec §4 defaults
 # Per-sample text weighting encodes the dataset's prompts once per distinct weight; this many prompts
 # go through the text tower per call (SUN397: 20 samples x 397 classes), bounding activation memory.
 MAX_PROMPTS_PER_PASS = 8192
@@ -95,12 +95,11 @@ def calibrate(stats: GaussianStats, features: torch.Tensor, learned: list[int], 
 
 
 def _resolve_depth(value, blocks: int, key: str, model_name: str, problems: list[str]) -> int:
+    """Blocks with residual pools in an encoder of ``blocks`` blocks (the value's type is checked by
+    :meth:`DIKI.config_problems`)."""
     if value is None:  # DIKI's 8, or every block of a smaller stand-in (tiny_clip has 3)
         return min(DIKI_DEPTH, blocks)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        problems.append(f"method.{key}: expected null or an integer >= 0, got {value!r}.")
-        return 0
-    if value > blocks:
+    if isinstance(value, int) and value > blocks:
         problems.append(
             f"method.{key}={value} exceeds the {blocks} blocks of backbone {model_name!r}: set "
             f"method.{key} to at most {blocks}, or null (DIKI's {DIKI_DEPTH}, capped at the block count)."
@@ -134,35 +133,13 @@ class DIKI:
                  param_dtype: str = "fp16", calibration: dict | None = None, select_best_on_val: bool = True,
                  feature_cache: str = "memory", feature_cache_dir: str | None = None):
         require_clip(backbone, "diki")
-        cal = {"scale": 512.0, "shift": 1.0, "cov_ridge": 1e-7, "task_select": "batch", **dict(calibration or {})}
+        problems = self.config_problems(optim, depth_vision=depth_vision, depth_text=depth_text, n_tokens=n_tokens,
+                                        param_dtype=param_dtype, calibration=calibration,
+                                        feature_cache=feature_cache, feature_cache_dir=feature_cache_dir)
+        cal = {**CALIBRATION, **dict(calibration or {})}
         m = backbone.model
-        problems: list[str] = []
         dv = _resolve_depth(depth_vision, len(m.visual.transformer.resblocks), "depth_vision", backbone.model_name, problems)
         dt = _resolve_depth(depth_text, len(m.transformer.resblocks), "depth_text", backbone.model_name, problems)
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-            problems.append(f"method.n_tokens: expected an integer >= 1, got {n_tokens!r}.")
-        if param_dtype not in PARAM_DTYPES:
-            problems.append(f"method.param_dtype: expected one of {', '.join(PARAM_DTYPES)}, got {param_dtype!r}.")
-        if not isinstance(cal["scale"], (int, float)) or cal["scale"] <= 0:
-            problems.append(f"method.calibration.scale: must be > 0, got {cal['scale']!r}.")
-        if not isinstance(cal["shift"], (int, float)):
-            problems.append(f"method.calibration.shift: expected a number, got {cal['shift']!r}.")
-        if not isinstance(cal["cov_ridge"], (int, float)) or cal["cov_ridge"] < 0:
-            problems.append(f"method.calibration.cov_ridge: must be >= 0, got {cal['cov_ridge']!r}.")
-        if cal["task_select"] not in TASK_SELECT:
-            problems.append(f"method.calibration.task_select: expected one of {', '.join(TASK_SELECT)}, "
-                            f"got {cal['task_select']!r}.")
-        unknown = sorted(set(cal) - {"scale", "shift", "cov_ridge", "task_select"})
-        if unknown:
-            problems.append(f"method.calibration: unknown key(s) {unknown}.")
-        if feature_cache not in FEATURE_CACHE_MODES:
-            problems.append(f"method.feature_cache: expected one of {', '.join(FEATURE_CACHE_MODES)}, got {feature_cache!r}.")
-        elif feature_cache == "disk" and not feature_cache_dir:
-            problems.append("method.feature_cache=disk needs method.feature_cache_dir (a folder for the cached features).")
-        if optim.get("name", "sgd") != "sgd":
-            problems.append(f"optim.name: DIKI trains its residuals with SGD (spec §5.1), got {optim.name!r}.")
-        if not float(optim.lr.representation) > 0:
-            problems.append("optim.lr.representation: DIKI trains its residual pools with it; must be > 0 (5.0 in the paper).")
         if problems:
             raise ConfigError(problems)
 
@@ -183,6 +160,39 @@ class DIKI:
         # Frozen image features of the test sets (and, on disk, of the train sets), spec §7 item 4.
         self.features = FeatureCache(feature_cache, feature_cache_dir)
         self.frozen = FrozenEvalFeatures(self.features, backbone, runtime)  # test sets' frozen features
+
+    @staticmethod
+    def config_problems(optim, *, depth_vision=None, depth_text=None, n_tokens=8, param_dtype="fp16",
+                        calibration=None, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
+        """Problems of DIKI's keys that need no backbone (``clcli validate`` and the constructor);
+        the constructor adds the depths against the backbone's block counts."""
+        problems: list[str] = []
+        for key, value in (("depth_vision", depth_vision), ("depth_text", depth_text)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                problems.append(f"method.{key}: expected null or an integer >= 0, got {value!r}.")
+        cal = {**CALIBRATION, **dict(calibration or {})}
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            problems.append(f"method.n_tokens: expected an integer >= 1, got {n_tokens!r}.")
+        if param_dtype not in PARAM_DTYPES:
+            problems.append(f"method.param_dtype: expected one of {', '.join(PARAM_DTYPES)}, got {param_dtype!r}.")
+        if isinstance(cal["scale"], bool) or not isinstance(cal["scale"], (int, float)) or cal["scale"] <= 0:
+            problems.append(f"method.calibration.scale: must be > 0, got {cal['scale']!r}.")
+        if isinstance(cal["shift"], bool) or not isinstance(cal["shift"], (int, float)):
+            problems.append(f"method.calibration.shift: expected a number, got {cal['shift']!r}.")
+        if isinstance(cal["cov_ridge"], bool) or not isinstance(cal["cov_ridge"], (int, float)) or cal["cov_ridge"] < 0:
+            problems.append(f"method.calibration.cov_ridge: must be >= 0, got {cal['cov_ridge']!r}.")
+        if cal["task_select"] not in TASK_SELECT:
+            problems.append(f"method.calibration.task_select: expected one of {', '.join(TASK_SELECT)}, "
+                            f"got {cal['task_select']!r}.")
+        unknown = sorted(set(cal) - set(CALIBRATION))
+        if unknown:
+            problems.append(f"method.calibration: unknown key(s) {unknown}.")
+        problems += feature_cache_problems(feature_cache, feature_cache_dir)
+        if optim.get("name", "sgd") != "sgd":
+            problems.append(f"optim.name: DIKI trains its residuals with SGD (spec §5.1), got {optim.name!r}.")
+        if not float(optim.lr.representation) > 0:
+            problems.append("optim.lr.representation: DIKI trains its residual pools with it; must be > 0 (5.0 in the paper).")
+        return problems
 
     # ------------------------------------------------------------------ protocol
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
@@ -378,4 +388,5 @@ class DIKI:
             "calibration": dict(self.calibration),
             "tasks": [{k: v for k, v in r.items()} for r in self.history],
             "covariance_jitter": {str(k): v for k, v in self.stats.jitter.items()},
+            "feature_cache": self.frozen.report(),
         }

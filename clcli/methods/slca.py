@@ -5,7 +5,8 @@ One class covers the paper's rows through configuration (spec slca.md §4 "Basel
 - ``method=slca``: slow representation lr (1e-4) + per-class Gaussians + classifier alignment;
 - ``method=slow_learner``: the same without alignment (``ca.enabled: false``);
 - ``method=seq_ft``: representation lr = classifier lr, no alignment;
-- ``method=frozen``: representation lr 0 (backbone frozen, features without autograd);
+- ``method=frozen``: representation lr 0 (backbone frozen, features without autograd; each test set
+  is encoded once per run instead of once per stage, ``feature_cache``, exact);
 - ``method=joint``: every class in one task (``joint: true``), the upper bound.
 
 Per task (spec §1): add a head and freeze the old ones; stage 1 trains the backbone and the new head
@@ -22,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from clcli import optim as optim_lib
+from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
+from clcli.errors import ConfigError
 from clcli.models.heads import TaskHeads
 from clcli.stats import GaussianStats
 
@@ -50,9 +53,20 @@ def ca_mean_scale(labels: list[int], task_index: int, task_of: list[int], curren
 
 
 class SLCA:
-    """Slow learner (+ optional classifier alignment) on a feature backbone with one head per task."""
+    """Slow learner (+ optional classifier alignment) on a feature backbone with one head per task.
 
-    def __init__(self, backbone, optim, runtime: Runtime, ca: dict, stats: dict, joint: bool = False):
+    ``feature_cache`` (``memory`` | ``disk`` | ``off``) applies when the backbone is frozen
+    (``optim.lr.representation: 0``): its output for a test image is the same at every stage, so each
+    test set is encoded once per run (or read from ``feature_cache_dir``) and served to every later
+    evaluation bit for bit (:class:`clcli.cache.FrozenEvalFeatures`, found by image hashes since the
+    class-incremental evaluation does not name the task). A trained backbone ignores it.
+    """
+
+    def __init__(self, backbone, optim, runtime: Runtime, ca: dict, stats: dict, joint: bool = False,
+                 feature_cache: str = "memory", feature_cache_dir: str | None = None):
+        problems = self.config_problems(optim, feature_cache=feature_cache, feature_cache_dir=feature_cache_dir)
+        if problems:
+            raise ConfigError(problems)
         self.backbone = backbone.to(runtime.device)
         self.optim, self.rt = optim, runtime
         self.ca, self.stats_cfg, self.joint = dict(ca), dict(stats), joint
@@ -62,10 +76,23 @@ class SLCA:
         self.task_of: list[int] = []  # task index of every label seen so far
         self.train_backbone = float(optim.lr.representation) > 0
         self.backbone.requires_grad_(self.train_backbone)
+        self.frozen: FrozenEvalFeatures | None = None
+        if not self.train_backbone and feature_cache != "off":
+            self.frozen = FrozenEvalFeatures(FeatureCache(feature_cache, feature_cache_dir), self.backbone,
+                                             runtime, feature="forward")
+
+    @staticmethod
+    def config_problems(optim, *, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
+        """Problems of the method's keys beyond the numeric ranges ``check_config`` tests (also run by
+        ``clcli validate``)."""
+        return feature_cache_problems(feature_cache, feature_cache_dir)
 
     # ------------------------------------------------------------------ protocol
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        return scenario.joint() if self.joint else scenario
+        scenario = scenario.joint() if self.joint else scenario
+        if self.frozen is not None:
+            self.frozen.tasks = list(scenario.tasks)
+        return scenario
 
     def begin_task(self, task: Task) -> None:
         self.aligned = None  # recall(): the next task starts from the stage-1 heads
@@ -109,13 +136,15 @@ class SLCA:
 
     def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
         heads = self.aligned if self.aligned is not None else self.heads
-        return heads(self.backbone(images))[:, candidates.start : candidates.stop]
+        f = self.frozen.among(images, candidates) if self.frozen is not None else self.backbone(images)
+        return heads(f)[:, candidates.start : candidates.stop]
 
     def summary(self) -> dict:
         return {
             "trainable_backbone_parameters": sum(p.numel() for p in self.backbone.parameters()) if self.train_backbone else 0,
             "head_parameters": sum(p.numel() for p in self.heads.parameters()),
             "covariance_jitter": dict(self.stats.jitter),
+            **({"feature_cache": self.frozen.report()} if self.frozen is not None else {}),
         }
 
     # ------------------------------------------------------------------ stages

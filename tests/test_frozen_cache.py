@@ -1,0 +1,141 @@
+"""Feature cache of SLCA's frozen-backbone baseline (issue 7; ``clcli.cache.FrozenEvalFeatures.among``).
+
+References are independent of the cache: the same run with ``method.feature_cache=off`` (every test
+set re-encoded at every stage) and hand-counted numbers of encoded images and batches.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clcli.cache import FeatureCache, FrozenEvalFeatures
+from clcli.engine import Runtime
+from clcli.models.timm_backbone import TimmBackbone
+from conftest import compose, run_tiny
+
+EVAL_BS = 10  # synthetic test sets hold 24 images: batches of 10, 10 and 4
+TASK_SIZES = [24, 24, 24]  # test images per task (data=synthetic: 2 classes x 12)
+FROZEN = ["method=frozen", "data=synthetic", "backbone=tiny_vit", "device=cpu", f"eval.batch_size={EVAL_BS}",
+          "optim.epochs=2", "optim.milestones=[1]",
+          "guard.chance_loss_ratio=0"]  # a random-init frozen tiny ViT learns little: only the cache is tested
+
+
+class CountingForward:
+    """Counts the images every TimmBackbone.forward call sees (training, statistics and evaluation)."""
+
+    def __init__(self, monkeypatch):
+        self.images = 0
+        original = TimmBackbone.forward
+
+        def forward(backbone, x):
+            self.images += x.shape[0]
+            return original(backbone, x)
+
+        monkeypatch.setattr(TimmBackbone, "forward", forward)
+
+
+def test_frozen_eval_encodes_each_test_set_once_with_identical_results(tmp_path, monkeypatch):
+    counter = CountingForward(monkeypatch)
+    off = run_tiny(tmp_path, FROZEN + ["method.feature_cache=off"], "off")
+    images_off, counter.images = counter.images, 0
+    cached = run_tiny(tmp_path, FROZEN, "memory")
+    images_cached = counter.images
+
+    assert cached["accuracy_matrix"] == off["accuracy_matrix"]  # bit-identical predictions
+    # Without the cache, stage t re-encodes the test sets of tasks 0..t-1: that is all it saves.
+    repeats = sum(sum(TASK_SIZES[:t]) for t in range(len(TASK_SIZES)))
+    assert images_off - images_cached == repeats == 72
+    report = cached["method_summary"]["feature_cache"]
+    batches = [math.ceil(n / EVAL_BS) for n in TASK_SIZES]
+    assert report == {"mode": "memory", "feature": "forward", "datasets_encoded": 3, "disk_reads": 0,
+                      "batches_served": sum(sum(batches[: t + 1]) for t in range(3)), "batches_encoded": 0}
+    assert "feature_cache" not in off["method_summary"]
+
+
+def test_disk_cache_serves_a_later_run_and_a_trained_backbone_ignores_it(tmp_path, monkeypatch):
+    disk = ["method.feature_cache=disk", f"method.feature_cache_dir={tmp_path / 'features'}"]
+    first = run_tiny(tmp_path, FROZEN + disk, "first")
+    assert len(list((tmp_path / "features").glob("*.pt"))) == 3
+    counter = CountingForward(monkeypatch)
+    second = run_tiny(tmp_path, FROZEN + disk, "second")
+    report = second["method_summary"]["feature_cache"]
+    assert (report["datasets_encoded"], report["disk_reads"], report["batches_encoded"]) == (0, 3, 0)
+    # no test image is encoded at all, only the train images: 2 epochs x 48 per task (no statistics:
+    # method=frozen has no alignment)
+    assert counter.images == 3 * 2 * 48
+    assert second["accuracy_matrix"] == first["accuracy_matrix"]
+
+    slow = run_tiny(tmp_path, ["method=slow_learner", "data=synthetic", "backbone=tiny_vit", "device=cpu"] + disk, "slow")
+    assert "feature_cache" not in slow["method_summary"]  # the backbone trains: nothing to cache
+    assert len(list((tmp_path / "features").glob("*.pt"))) == 3
+
+
+def tiny_backbone() -> TimmBackbone:
+    cfg = compose(["backbone=tiny_vit"]).backbone
+    torch.manual_seed(0)
+    return TimmBackbone(model_name=cfg.model_name, pretrained=False, reinit_final_norm=True,
+                        model_kwargs=dict(cfg.model_kwargs)).eval()
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    from hydra.utils import instantiate
+
+    cfg = compose(["data=synthetic", "backbone=tiny_vit"])
+    return instantiate(cfg.data).build(tiny_backbone())
+
+
+def test_among_finds_the_test_set_by_hashes_and_encodes_anything_else(scenario):
+    backbone = tiny_backbone()
+    rt = Runtime(eval_batch_size=EVAL_BS)
+    frozen = FrozenEvalFeatures(FeatureCache("memory"), backbone, rt, feature="forward")
+    frozen.tasks = list(scenario.tasks)
+    seen = range(0, scenario.tasks[1].labels.stop)  # after task 1: tasks 0 and 1 are candidates
+    batches = [(t, torch.stack([t.test[i][0] for i in range(s, min(s + EVAL_BS, len(t.test)))]))
+               for t in scenario.tasks[:2] for s in range(0, len(t.test), EVAL_BS)]
+    with torch.inference_mode():
+        for task, x in batches:
+            torch.testing.assert_close(frozen.among(x, seen), backbone(x), rtol=0, atol=0)
+        assert frozen.cache.counts["computed"] == 2  # both candidate test sets, once each
+        # task 2 is not a candidate yet; its batch and a reordered batch are encoded, not served
+        x2 = torch.stack([scenario.tasks[2].test[i][0] for i in range(EVAL_BS)])
+        torch.testing.assert_close(frozen.among(x2, seen), backbone(x2), rtol=0, atol=0)
+        flipped = batches[0][1].flip(0)
+        torch.testing.assert_close(frozen.among(flipped, seen), backbone(flipped), rtol=0, atol=0)
+    report = frozen.report()
+    assert (report["batches_served"], report["batches_encoded"], report["datasets_encoded"]) == (6, 2, 2)
+
+
+def test_key_depends_on_train_mode_and_feature(scenario):
+    backbone = tiny_backbone()
+    cache = FeatureCache("memory")
+    task = scenario.tasks[0]
+
+    def key(feature="forward"):
+        return cache.key(backbone, task.test, name=task.name, split="test", device=torch.device("cpu"),
+                         amp_dtype=None, batch_size=EVAL_BS, feature=feature)
+
+    k_eval = key()
+    backbone.train()
+    assert FeatureCache.digest(key()) != FeatureCache.digest(k_eval)
+    backbone.eval()
+    assert key() == k_eval
+    assert FeatureCache.digest(key("features")) != FeatureCache.digest(k_eval)
+    with pytest.raises(ValueError, match="unknown feature"):
+        key("logits")
+
+
+def test_feature_cache_config_is_checked_by_validate_and_the_constructor():
+    from hydra.utils import instantiate
+
+    from clcli.config import check_config
+    from clcli.errors import ConfigError
+
+    assert compose(FROZEN).method.feature_cache == "memory"
+    cfg = compose(FROZEN + ["method.feature_cache=ram"])
+    message = "method.feature_cache: expected one of memory, disk, off, got 'ram'."
+    assert message in check_config(cfg)
+    with pytest.raises(ConfigError, match="got 'ram'"):
+        instantiate(cfg.method, _partial_=True)(backbone=tiny_backbone(), optim=cfg.optim, runtime=Runtime())
