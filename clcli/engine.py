@@ -88,6 +88,11 @@ class Runtime:
             return distributed.train_loader(dataset, batch_size, self.num_workers, pin)
         if shard:
             dataset = distributed.shard(dataset)
+        if not shuffle and generator is None:
+            # A DataLoader draws its workers' base seed from the global RNG even when it does not
+            # shuffle. Evaluation and statistics passes get a private generator instead, so that
+            # skipping one (a feature-cache hit) or adding one never changes the training that follows.
+            generator = torch.Generator()
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
             pin_memory=pin, persistent_workers=self.num_workers > 0, generator=generator, drop_last=False,

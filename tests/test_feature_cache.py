@@ -361,3 +361,19 @@ def test_zeroshot_encodes_each_test_set_once_per_run(backbone, scenario, monkeyp
     assert mats["c"].state_dict() == mats["p"].state_dict()
     with pytest.raises(ConfigError, match="method.feature_cache"):
         ZeroShotCLIP(backbone, None, Runtime(), feature_cache="sometimes")
+
+
+def test_a_disk_hit_leaves_the_training_that_follows_unchanged(tmp_path):
+    """Skipping the frozen pass for a task's Gaussian (read from disk) must not shift the RNG that
+    the task's training shuffles with: unshuffled loaders use a private generator (engine.Runtime.loader)."""
+    from conftest import run_tiny
+
+    base = ["method=diki", "data=synthetic_mtil", "backbone=tiny_clip", "device=cpu"]
+    disk = ["method.feature_cache=disk", f"method.feature_cache_dir={tmp_path / 'features'}"]
+    off = run_tiny(tmp_path, base + ["method.feature_cache=off"], "off")
+    run_tiny(tmp_path, base + disk, "fill")
+    hit = run_tiny(tmp_path, base + disk, "hit")
+    assert hit["method_summary"]["feature_cache"]["disk_reads"] == 6  # train and test set of 3 datasets
+    assert hit["method_summary"]["feature_cache"]["datasets_encoded"] == 0
+    assert hit["accuracy_matrix"] == off["accuracy_matrix"]
+    assert [t["train_loss"] for t in hit["method_summary"]["tasks"]] == [t["train_loss"] for t in off["method_summary"]["tasks"]]
