@@ -469,8 +469,9 @@ class FeatureCache:
                  keep_in_memory: bool = True, description: str | None = None,
                  key: dict | None = None, shard: bool = False, feature: str = "features") -> CachedFeatures:
         """The frozen features of ``dataset`` (``feature``, a name of :data:`FEATURE_FUNCTIONS`;
-        default CLIP's L2-normalised ``backbone.features``), from the cache or computed with :func:`clcli.engine.extract_features` (batches of ``rt.eval_batch_size``,
-        under ``rt.autocast()``) and stored. ``hashes``: also record every input image's hashes
+        default CLIP's L2-normalised ``backbone.features``), from the cache or computed with
+        :func:`clcli.engine.extract_features` (batches of ``rt.eval_batch_size``, under
+        ``rt.autocast()``) and stored. ``hashes``: also record every input image's hashes
         (needed for :meth:`CachedFeatures.lookup`); an entry without them is recomputed if asked.
         ``shard``: this process's block only in a multi-process run (as ``engine.evaluate`` reads it);
         pass the same ``shard`` to :meth:`key` when giving ``key``."""
@@ -556,7 +557,7 @@ class FrozenEvalFeatures:
                 f = entry.match(images, h)
                 if f is not None:
                     return f
-            entries[0].missed += 1
+            entries[0].missed += 1  # one miss per batch, booked on the first candidate entry
         return self._encode(images)
 
     def report(self) -> dict:

@@ -55,12 +55,11 @@ _invalid_jobs: list[str] = []
 
 
 def _validate(cfg):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from rich.console import Console
 
     from clcli.config import check_config
-
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     problems = _guarded(lambda: check_config(cfg))
     console = Console()

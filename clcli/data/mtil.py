@@ -40,7 +40,6 @@ food, mnist, oxford_pet, cars, sun397``. :func:`make_mtil_source` builds one fro
 from __future__ import annotations
 
 import abc
-
 import json
 import logging
 import os

@@ -19,6 +19,10 @@ class Method(Protocol):
     evaluated dataset's classes for MTIL). ``state_dict()`` holds everything needed to continue
     after the last finished task (per-task checkpoints and resume); ``summary()`` returns facts worth
     recording in results.json (e.g. parameter counts).
+
+    Optionally, a static ``config_problems(optim, **method_keys) -> list[str]`` checks the method's
+    own keys without a backbone; ``clcli validate`` (``config.check_config``) and the constructor
+    both run it, so a bad key is reported before anything is loaded.
     """
 
     def prepare_scenario(self, scenario: Scenario) -> Scenario: ...
