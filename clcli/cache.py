@@ -7,13 +7,16 @@ stores the features of a whole dataset once, in dataset order, and serves them a
 **No stale entry is possible**: an entry's key (:meth:`FeatureCache.key`) covers everything that
 changes the features bit for bit:
 
-- *backbone*: class, ``model_name``, ``weights_identity`` (tag or file sha256), precision, and a
+- *backbone*: class, ``model_name``, ``weights_identity`` (tag or file sha256), precision, train
+  or eval mode, whether a module is ``torch.compile``-d (``perf.compile``: other kernels), and a
   sha256 of the whole state dict (names, dtypes, shapes, bytes). The digest is memoised per tensor
   object, ``data_ptr`` and in-place ``_version``, so a weight changed in place or replaced re-hashes;
-- *feature function* (``"features"``: L2-normalised ``encode_image``);
+- *feature function* (:data:`FEATURE_FUNCTIONS`: ``"features"`` = CLIP's L2-normalised
+  ``encode_image``, ``"forward"`` = the backbone's output);
 - *compute context*: device type (GPU name, CPU kernel capability), the versions of torch, open_clip,
-  torchvision, numpy, Pillow and its codecs, autocast dtype, TF32 / matmul-precision flags, and the
-  **batch size**: features are computed in
+  torchvision, numpy, Pillow and its codecs, autocast dtype, TF32 / matmul-precision flags, the
+  channels-last layout of the image batches (``perf.channels_last``: other convolution kernels), and
+  the **batch size**: features are computed in
   the loader batches of ``batch_size`` (``engine.extract_features``), and a batch of other size or
   composition may round differently, so entries are only ever served for exactly those batches;
 - *transform*: type and ``repr`` (memory addresses removed, so keys are stable across processes);
@@ -243,10 +246,12 @@ def _library_versions() -> dict[str, str]:
     return dict(_VERSIONS)
 
 
-def context_identity(device: torch.device, amp_dtype: torch.dtype | None, batch_size: int) -> dict:
+def context_identity(device: torch.device, amp_dtype: torch.dtype | None, batch_size: int,
+                     channels_last: bool = False) -> dict:
     """Everything about the computation that can change a feature's bits."""
     ctx: dict[str, Any] = {
         "device": device.type, "amp_dtype": str(amp_dtype), "batch_size": int(batch_size),
+        "channels_last": bool(channels_last),
         "torch": torch.__version__, "matmul_precision": torch.get_float32_matmul_precision(),
         "machine": platform.machine(),
     }
@@ -337,10 +342,12 @@ class FeatureCache:
 
     def backbone_identity(self, backbone: torch.nn.Module) -> dict:
         t = type(backbone)
+        modules = list(backbone.modules())
         return {
             "class": f"{t.__module__}.{t.__qualname__}",
-            # train mode changes dropout and batch-norm outputs: features are keyed by it too
-            "training": any(m.training for m in backbone.modules()),
+            # train mode changes dropout and batch-norm outputs; a compiled module runs other kernels
+            "training": any(m.training for m in modules),
+            "compiled": any(getattr(m, "_compiled_call_impl", None) is not None for m in modules),
             "model_name": getattr(backbone, "model_name", None),
             "weights_identity": getattr(backbone, "weights_identity", None),
             "precision": getattr(backbone, "precision", None),
@@ -378,7 +385,7 @@ class FeatureCache:
 
     def key(self, backbone, dataset, *, name: str, split: str, device: torch.device,
             amp_dtype: torch.dtype | None, batch_size: int, feature: str = "features",
-            shard: bool = False) -> dict | None:
+            shard: bool = False, channels_last: bool = False) -> dict | None:
         """The full key of a dataset's features, or None when the dataset cannot be fingerprinted.
         ``shard``: only this process's block of the dataset in a multi-process run (:func:`shard_piece`)."""
         if feature not in FEATURE_FUNCTIONS:
@@ -390,7 +397,7 @@ class FeatureCache:
         rows = data["length"] if piece is None else piece[3] - piece[2]
         return {
             "format": FORMAT, "feature": feature, "backbone": self.backbone_identity(backbone),
-            "context": context_identity(torch.device(device), amp_dtype, batch_size),
+            "context": context_identity(torch.device(device), amp_dtype, batch_size, channels_last),
             "dataset": {"name": name, "split": split, **data, "shard": piece, "rows": rows},
         }
 
@@ -479,7 +486,8 @@ class FeatureCache:
 
         if key is None:
             key = self.key(backbone, dataset, name=name, split=split, device=rt.device,
-                           amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=shard, feature=feature)
+                           amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=shard, feature=feature,
+                           channels_last=rt.channels_last)
         elif key["feature"] != feature:
             raise ValueError(f"feature cache: key of feature {key['feature']!r} given for feature {feature!r}")
         encode = FEATURE_FUNCTIONS[feature]
@@ -535,6 +543,8 @@ class FrozenEvalFeatures:
             raise ValueError(f"unknown feature {feature!r} (known: {', '.join(FEATURE_FUNCTIONS)})")
         self.cache, self.backbone, self.rt, self.feature = cache, backbone, rt, feature
         self.tasks: list = []
+        self.served = 0  # eval batches answered from an entry
+        self.encoded = 0  # eval batches encoded: no entry applied, or none matched the batch
 
     def __call__(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
         """float32 features of an eval batch of task ``dataset``'s test set."""
@@ -542,12 +552,14 @@ class FrozenEvalFeatures:
         if entry is not None:
             f = entry.lookup(images)
             if f is not None:
+                self.served += 1
                 return f
         return self._encode(images)
 
     def among(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
         """float32 features of an eval batch of the test set of a task whose labels lie within
-        ``candidates``; the entries of those test sets are filled on a first batch of a full-size pass."""
+        ``candidates``. Missing entries of those test sets are filled when a batch of first-batch size
+        (``min(eval.batch_size, test set size)``) arrives, i.e. on the first batch of an evaluation."""
         entries = [self._entry(images, t.index) for t in self.tasks
                    if candidates.start <= t.labels.start and t.labels.stop <= candidates.stop]
         entries = [e for e in entries if e is not None]
@@ -556,20 +568,22 @@ class FrozenEvalFeatures:
             for entry in entries:
                 f = entry.match(images, h)
                 if f is not None:
+                    self.served += 1
                     return f
             entries[0].missed += 1  # one miss per batch, booked on the first candidate entry
         return self._encode(images)
 
     def report(self) -> dict:
         """What the cache did this run (for results.json): datasets encoded and read from disk (this
-        cache's, test sets and any others it holds), eval batches served from entries or encoded
-        because they matched no loader batch."""
-        entries = self.cache.entries()
+        cache's, test sets and any others it holds), and eval batches served from entries or
+        encoded (no entry applied — cache off, another device or autocast state, a dataset that
+        cannot be fingerprinted — or none matched the batch)."""
         return {"mode": self.cache.mode, "feature": self.feature,
                 "datasets_encoded": self.cache.counts["computed"], "disk_reads": self.cache.counts["disk_reads"],
-                "batches_served": sum(e.served for e in entries), "batches_encoded": sum(e.missed for e in entries)}
+                "batches_served": self.served, "batches_encoded": self.encoded}
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.encoded += 1
         return FEATURE_FUNCTIONS[self.feature](self.backbone, images).float()
 
     def _entry(self, images: torch.Tensor, dataset: int) -> CachedFeatures | None:
@@ -583,7 +597,8 @@ class FrozenEvalFeatures:
         task = self.tasks[dataset]
         # shard: in a multi-process run engine.evaluate reads this process's block of the test set
         key = self.cache.key(self.backbone, task.test, name=task.name, split="test", device=rt.device,
-                             amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True, feature=self.feature)
+                             amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True, feature=self.feature,
+                             channels_last=rt.channels_last)
         if key is None:
             return None
         entry = self.cache.get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def _validate(cfg):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from rich.console import Console
+    from rich.markup import escape
 
     from clcli.config import check_config
 
@@ -65,7 +67,7 @@ def _validate(cfg):
     console = Console()
     hc = HydraConfig.get()
     # a sweep validates every job: say which one each verdict is about
-    job = f"{' '.join(hc.overrides.task) or '(no overrides)'}: " if hc.mode == RunMode.MULTIRUN else ""
+    job = escape(f"{' '.join(hc.overrides.task) or '(no overrides)'}: ") if hc.mode == RunMode.MULTIRUN else ""
     if problems:
         console.print(f"{job}[red]{len(problems)} problem(s):[/red]", highlight=False)
         for p in problems:
@@ -104,11 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         if command == "train":
             _hydra_main(_train)()
             return
-        # validate writes nothing: no .hydra/ or log, and a sweep's folders go to a scratch dir
+        # validate writes nothing: no .hydra/ or log, and a sweep's folders go to a scratch dir. Its
+        # jobs run in this process (basic launcher, whatever launcher the sweep names): the checks are
+        # cheap, and a joblib worker or a SLURM job could not report back into _invalid_jobs.
         _invalid_jobs.clear()
         scratch = tempfile.mkdtemp(prefix="clcli-validate-")
+        sys.argv = [a for a in sys.argv if not re.match(r"^[+~]*hydra/launcher=", a)]
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-                     "hydra.run.dir=.", f"hydra.sweep.dir={scratch}"]
+                     "hydra.run.dir=.", f"hydra.sweep.dir={scratch}", "hydra/launcher=basic"]
         try:
             _hydra_main(_validate)()
         finally:

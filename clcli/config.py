@@ -17,7 +17,8 @@ from clcli.optim import SCHEDULES
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _num(cfg, key: str, problems: list[str], *, minimum: float | None = None, strict: bool = False, integer: bool = False):
+def _num(cfg, key: str, problems: list[str], *, minimum: float | None = None, strict: bool = False, integer: bool = False,
+         optional: bool = False):
     from omegaconf import OmegaConf
 
     try:
@@ -26,6 +27,8 @@ def _num(cfg, key: str, problems: list[str], *, minimum: float | None = None, st
         problems.append(f"{key}: {exc}")
         return None
     if value is None:
+        if not optional:
+            problems.append(f"{key}: expected {'an integer' if integer else 'a number'}, got null.")
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         problems.append(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}.")
@@ -53,7 +56,7 @@ def _method_problems(cfg: DictConfig) -> list[str]:
         kwargs = OmegaConf.to_container(cfg.method, resolve=True)
         kwargs.pop("_target_", None)
         return list(check(cfg.optim, **kwargs))
-    except (ValueError, TypeError, KeyError) as exc:  # e.g. a non-numeric lr, already reported by _num
+    except Exception as exc:  # noqa: BLE001 - e.g. a missing (???) value: reported, never raised
         return [f"method: cannot check the keys of {target} ({type(exc).__name__}: {exc})."]
 
 
@@ -67,7 +70,7 @@ def check_config(cfg: DictConfig) -> list[str]:
     if cfg.precision not in PRECISIONS:
         problems.append(f"precision: expected one of {', '.join(PRECISIONS)}, got '{cfg.precision}'.")
     _num(cfg, "seed", problems, minimum=0, integer=True)
-    _num(cfg, "train_seed", problems, minimum=0, integer=True)
+    _num(cfg, "train_seed", problems, minimum=0, integer=True, optional=True)
     if cfg.loader.num_workers != "auto":
         _num(cfg, "loader.num_workers", problems, minimum=0, integer=True)
     for key in ("tf32", "compile", "channels_last"):

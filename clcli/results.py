@@ -50,11 +50,19 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# Bumped when the code draws random numbers differently for the same config, so that a run dir
+# started by an older version is refused on resume instead of continuing with another stream.
+# 2: unshuffled loaders (evaluation, statistics, feature passes) no longer draw from the global RNG.
+RNG_PROTOCOL = 2
+
+
 def config_fingerprint(resolved: dict) -> str:
-    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches).
-    ``eval`` stays in: DIKI's batch-wise task vote depends on the evaluation batch size."""
+    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches),
+    and of :data:`RNG_PROTOCOL`. ``eval`` stays in: DIKI's batch-wise task vote depends on the
+    evaluation batch size."""
     ignore = {"resume", "device", "loader", "checkpoint", "paths"}
     relevant = {k: v for k, v in resolved.items() if k not in ignore}
+    relevant["__rng_protocol__"] = RNG_PROTOCOL
     if isinstance(relevant.get("method"), dict):  # where features are cached never changes them
         relevant["method"] = {k: v for k, v in relevant["method"].items() if not k.startswith("feature_cache")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

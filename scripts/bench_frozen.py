@@ -85,6 +85,8 @@ def main() -> None:
     n_test = sum(len(t.test) for t in scenario.tasks)
     print(f"{args.model} at {args.image_size}px, device {dev}, threads {args.threads}: {T} tasks x "
           f"{args.classes_per_task} classes, {n_test} test images, eval batch {args.batch_size}")
+    with torch.inference_mode():  # warm-up (kernel selection, allocator) outside both timings
+        backbone.to(dev)(torch.stack([scenario.tasks[0].test[i][0] for i in range(min(args.batch_size, 4))]).to(dev))
     t_off, logits_off, m_off, _ = run("off")
     t_mem, logits_mem, m_mem, cached = run("memory")
     assert m_off.state_dict() == m_mem.state_dict(), "accuracy counts differ"

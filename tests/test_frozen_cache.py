@@ -87,25 +87,33 @@ def scenario():
     return instantiate(cfg.data).build(tiny_backbone())
 
 
-def test_among_finds_the_test_set_by_hashes_and_encodes_anything_else(scenario):
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_among_finds_the_test_set_by_hashes_and_encodes_anything_else(scenario, amp):
+    """Logits through a head (as SLCA.predict computes them) are bit-identical with and without the
+    cache, also under autocast, where the cache holds the bf16 features as float32."""
     backbone = tiny_backbone()
-    rt = Runtime(eval_batch_size=EVAL_BS)
+    head = torch.nn.Linear(backbone.feature_dim, 4)
+    rt = Runtime(eval_batch_size=EVAL_BS, amp_dtype=amp)
     frozen = FrozenEvalFeatures(FeatureCache("memory"), backbone, rt, feature="forward")
     frozen.tasks = list(scenario.tasks)
     seen = range(0, scenario.tasks[1].labels.stop)  # after task 1: tasks 0 and 1 are candidates
-    batches = [(t, torch.stack([t.test[i][0] for i in range(s, min(s + EVAL_BS, len(t.test)))]))
+    batches = [torch.stack([t.test[i][0] for i in range(s, min(s + EVAL_BS, len(t.test)))])
                for t in scenario.tasks[:2] for s in range(0, len(t.test), EVAL_BS)]
-    with torch.inference_mode():
-        for task, x in batches:
-            torch.testing.assert_close(frozen.among(x, seen), backbone(x), rtol=0, atol=0)
+    x2 = torch.stack([scenario.tasks[2].test[i][0] for i in range(EVAL_BS)])
+    flipped = batches[0].flip(0)
+    with torch.inference_mode(), rt.autocast():
+        for x in batches:
+            assert torch.equal(head(frozen.among(x, seen)), head(backbone(x)))
         assert frozen.cache.counts["computed"] == 2  # both candidate test sets, once each
         # task 2 is not a candidate yet; its batch and a reordered batch are encoded, not served
-        x2 = torch.stack([scenario.tasks[2].test[i][0] for i in range(EVAL_BS)])
-        torch.testing.assert_close(frozen.among(x2, seen), backbone(x2), rtol=0, atol=0)
-        flipped = batches[0][1].flip(0)
-        torch.testing.assert_close(frozen.among(flipped, seen), backbone(flipped), rtol=0, atol=0)
+        for x in (x2, flipped):
+            assert torch.equal(head(frozen.among(x, seen)), head(backbone(x)))
+    if amp is not None:  # outside autocast: not the context the entries were computed in, so encoded
+        with torch.inference_mode():
+            assert torch.equal(frozen.among(batches[0], seen), backbone(batches[0]))
     report = frozen.report()
-    assert (report["batches_served"], report["batches_encoded"], report["datasets_encoded"]) == (6, 2, 2)
+    assert (report["batches_served"], report["batches_encoded"], report["datasets_encoded"]) == \
+        (6, 2 + (amp is not None), 2)
 
 
 def test_key_depends_on_train_mode_and_feature(scenario):
@@ -122,6 +130,11 @@ def test_key_depends_on_train_mode_and_feature(scenario):
     assert FeatureCache.digest(key()) != FeatureCache.digest(k_eval)
     backbone.eval()
     assert key() == k_eval
+    channels_last = cache.key(backbone, task.test, name=task.name, split="test", device=torch.device("cpu"),
+                              amp_dtype=None, batch_size=EVAL_BS, feature="forward", channels_last=True)
+    assert FeatureCache.digest(channels_last) != FeatureCache.digest(k_eval)
+    backbone.model.compile()  # perf.compile: other kernels, another key (nothing runs here)
+    assert key()["backbone"]["compiled"] and not k_eval["backbone"]["compiled"]
     assert FeatureCache.digest(key("features")) != FeatureCache.digest(k_eval)
     with pytest.raises(ValueError, match="unknown feature"):
         key("logits")

@@ -100,7 +100,12 @@ def test_validate_lists_every_problem(capsys):
 
 
 def test_validate_checks_method_keys_and_every_sweep_job_without_writing(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+    import tempfile
+
+    work, scratch = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir(), scratch.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where validate's sweep scratch dir goes
     # DIKI's own keys, checked without building CLIP (the constructor runs the same checks)
     code, out = _cli(["validate", "method=diki", "data=synthetic_mtil", "backbone=tiny_clip", "method.n_tokens=0",
                       "method.calibration.task_select=vote", "method.feature_cache=ram"], capsys)
@@ -108,12 +113,21 @@ def test_validate_checks_method_keys_and_every_sweep_job_without_writing(tmp_pat
     for fragment in ("method.n_tokens: expected an integer >= 1, got 0.", "task_select: expected one of batch, sample",
                      "method.feature_cache: expected one of memory, disk, off, got 'ram'."):
         assert fragment in out, out
-    # a sweep: every job is checked and named; one bad job fails the whole validation
-    code, out = _cli(["validate", "+sweep=smoke", "seed=1993,-1"], capsys)
+    # a sweep: every job is checked and named, in this process even when the sweep asks for joblib;
+    # one bad job fails the whole validation
+    code, out = _cli(["validate", "+sweep=smoke", "seed=1993,-1", "hydra/launcher=joblib"], capsys)
     assert code == 2
     assert out.count("configuration is valid") == 2 and out.count("seed: must be >= 0, got -1.") == 2, out
     assert "method=slow_learner seed=-1 +sweep=smoke: 1 problem(s)" in " ".join(out.split())
-    assert list(tmp_path.iterdir()) == []  # no outputs/sweeps/..., no .hydra, no log
+    # job labels are printed as they are, never read as rich markup
+    code, out = _cli(["validate", "-m", *TINY, "optim.milestones=[2],[3]"], capsys)
+    assert code == 0 and "optim.milestones=[2]" in out and "optim.milestones=[3]" in out, out
+    assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []  # no sweep dirs, .hydra or logs left
+    # a missing mandatory value is listed with the rest, not raised
+    code, out = _cli(["validate", "method=diki", "data=synthetic_mtil", "backbone=tiny_clip", "method.n_tokens=0",
+                      "optim.lr.representation=null"], capsys)
+    assert code == 2 and "Traceback" not in out
+    assert "optim.lr.representation: expected a number, got null." in out and "method.n_tokens" in out, out
 
 
 def test_existing_results_of_another_config_are_never_overwritten(tmp_path, capsys):

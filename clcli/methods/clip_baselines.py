@@ -19,11 +19,12 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from clcli import optim as optim_lib
+from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, fit
-from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
 from clcli.errors import ConfigError
 from clcli.models.clip import ClipBackbone
 
@@ -55,6 +56,16 @@ def clip_backbone(kind: str = "clip", **kwargs) -> ClipBackbone:
         identity["pretrained_tag"] = bb.pretrained  # None = random initialisation (tiny_clip)
     bb.weights_identity = identity
     return bb
+
+
+def not_positive(cfg, key: str) -> bool:
+    """Whether ``cfg.<key>`` is a number <= 0. Missing values and non-numbers are ``check_config``'s to
+    report (``_num``); a method's ``config_problems`` only adds what is specific to it."""
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except Exception:  # noqa: BLE001 - missing (???) or a broken interpolation
+        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0
 
 
 def require_clip(backbone, method: str) -> None:
@@ -225,7 +236,7 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
         problems = []
         if optimizer not in OPTIMIZERS:
             problems.append(f"method.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}.")
-        if not float(optim.lr.representation) > 0:
+        if not_positive(optim, "lr.representation"):
             problems.append("optim.lr.representation: clip_ft fine-tunes CLIP with it; must be > 0.")
         return problems
 

@@ -56,7 +56,7 @@ from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as featu
 from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
-from clcli.methods.clip_baselines import PromptBank, cosine_logits, require_clip
+from clcli.methods.clip_baselines import PromptBank, cosine_logits, not_positive, require_clip
 from clcli.models.residual_attention import DikiClip
 from clcli.stats import GaussianStats
 
@@ -190,7 +190,7 @@ class DIKI:
         problems += feature_cache_problems(feature_cache, feature_cache_dir)
         if optim.get("name", "sgd") != "sgd":
             problems.append(f"optim.name: DIKI trains its residuals with SGD (spec §5.1), got {optim.name!r}.")
-        if not float(optim.lr.representation) > 0:
+        if not_positive(optim, "lr.representation"):
             problems.append("optim.lr.representation: DIKI trains its residual pools with it; must be > 0 (5.0 in the paper).")
         return problems
 
