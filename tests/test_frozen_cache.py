@@ -43,7 +43,7 @@ def test_frozen_eval_encodes_each_test_set_once_with_identical_results(tmp_path,
     cached = run_tiny(tmp_path, FROZEN, "memory")
     images_cached = counter.images
 
-    assert cached["accuracy_matrix"] == off["accuracy_matrix"]  # bit-identical predictions
+    assert cached["accuracy_matrix"] == off["accuracy_matrix"]  # logits: bit-identical in test_among_* below
     # Without the cache, stage t re-encodes the test sets of tasks 0..t-1: that is all it saves.
     repeats = sum(sum(TASK_SIZES[:t]) for t in range(len(TASK_SIZES)))
     assert images_off - images_cached == repeats == 72
