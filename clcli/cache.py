@@ -66,6 +66,11 @@ FEATURE_FUNCTIONS: dict[str, Callable] = {
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+def check_feature(feature: str) -> None:
+    if feature not in FEATURE_FUNCTIONS:
+        raise ValueError(f"feature cache: unknown feature {feature!r} (known: {', '.join(FEATURE_FUNCTIONS)})")
+
+
 def mode_problems(mode: Any, directory: Any) -> list[str]:
     """What is wrong with ``method.feature_cache`` / ``method.feature_cache_dir`` (empty: fine)."""
     if mode not in MODES:
@@ -383,23 +388,29 @@ class FeatureCache:
             return ident
         return ident
 
+    def model_key(self, backbone, *, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int,
+                  feature: str = "features", channels_last: bool = False) -> dict:
+        """The dataset-independent part of a key: what computes the features, and how."""
+        check_feature(feature)
+        return {"format": FORMAT, "feature": feature, "backbone": self.backbone_identity(backbone),
+                "context": context_identity(torch.device(device), amp_dtype, batch_size, channels_last)}
+
     def key(self, backbone, dataset, *, name: str, split: str, device: torch.device,
             amp_dtype: torch.dtype | None, batch_size: int, feature: str = "features",
-            shard: bool = False, channels_last: bool = False) -> dict | None:
+            shard: bool = False, channels_last: bool = False, model: dict | None = None) -> dict | None:
         """The full key of a dataset's features, or None when the dataset cannot be fingerprinted.
-        ``shard``: only this process's block of the dataset in a multi-process run (:func:`shard_piece`)."""
-        if feature not in FEATURE_FUNCTIONS:
-            raise ValueError(f"feature cache: unknown feature {feature!r} (known: {', '.join(FEATURE_FUNCTIONS)})")
+        ``shard``: only this process's block of the dataset in a multi-process run (:func:`shard_piece`).
+        ``model``: :meth:`model_key` of the same arguments, when already computed (one serves the
+        keys of several datasets)."""
         data = self.dataset_identity(dataset)
         if data is None:
             return None
+        if model is None:
+            model = self.model_key(backbone, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
+                                   feature=feature, channels_last=channels_last)
         piece = shard_piece(len(dataset)) if shard else None
         rows = data["length"] if piece is None else piece[3] - piece[2]
-        return {
-            "format": FORMAT, "feature": feature, "backbone": self.backbone_identity(backbone),
-            "context": context_identity(torch.device(device), amp_dtype, batch_size, channels_last),
-            "dataset": {"name": name, "split": split, **data, "shard": piece, "rows": rows},
-        }
+        return {**model, "dataset": {"name": name, "split": split, **data, "shard": piece, "rows": rows}}
 
     @staticmethod
     def digest(key: dict) -> str:
@@ -539,8 +550,7 @@ class FrozenEvalFeatures:
     """
 
     def __init__(self, cache: FeatureCache, backbone, rt, feature: str = "features"):
-        if feature not in FEATURE_FUNCTIONS:
-            raise ValueError(f"unknown feature {feature!r} (known: {', '.join(FEATURE_FUNCTIONS)})")
+        check_feature(feature)
         self.cache, self.backbone, self.rt, self.feature = cache, backbone, rt, feature
         self.tasks: list = []
         self.served = 0  # eval batches answered from an entry
@@ -560,8 +570,9 @@ class FrozenEvalFeatures:
         """float32 features of an eval batch of the test set of a task whose labels lie within
         ``candidates``. Missing entries of those test sets are filled when a batch of first-batch size
         (``min(eval.batch_size, test set size)``) arrives, i.e. on the first batch of an evaluation."""
-        entries = [self._entry(images, t.index) for t in self.tasks
-                   if candidates.start <= t.labels.start and t.labels.stop <= candidates.stop]
+        model = self._model_key(images)  # once per batch: the same for every candidate test set
+        entries = [] if model is None else [self._entry(images, t.index, model) for t in self.tasks
+                                            if candidates.start <= t.labels.start and t.labels.stop <= candidates.stop]
         entries = [e for e in entries if e is not None]
         if entries:
             h = image_hashes(images)
@@ -586,19 +597,29 @@ class FrozenEvalFeatures:
         self.encoded += 1
         return FEATURE_FUNCTIONS[self.feature](self.backbone, images).float()
 
-    def _entry(self, images: torch.Tensor, dataset: int) -> CachedFeatures | None:
-        """The cache entry of ``dataset``'s test set, filled on the first batch of a full-size pass;
-        None where the cache cannot apply."""
-        if not self.cache.enabled or not 0 <= dataset < len(self.tasks):
-            return None
+    def _model_key(self, images: torch.Tensor) -> dict | None:
+        """:meth:`FeatureCache.model_key` of the run's eval context, or None where the cache cannot
+        apply (cache off, or ``images`` on another device or under another autocast state than the
+        one the entries are computed in: ``engine.evaluate``'s)."""
         rt = self.rt
-        if not same_device(images.device, rt.device) or not autocast_matches(images.device, rt.amp_dtype):
-            return None  # not the context the entry is computed in (engine.evaluate's)
-        task = self.tasks[dataset]
+        if not self.cache.enabled or not same_device(images.device, rt.device) \
+                or not autocast_matches(images.device, rt.amp_dtype):
+            return None
+        return self.cache.model_key(self.backbone, device=rt.device, amp_dtype=rt.amp_dtype,
+                                    batch_size=rt.eval_batch_size, feature=self.feature, channels_last=rt.channels_last)
+
+    def _entry(self, images: torch.Tensor, dataset: int, model: dict | None = None) -> CachedFeatures | None:
+        """The cache entry of ``dataset``'s test set, filled on the first batch of a full-size pass;
+        None where the cache cannot apply. ``model``: ``self._model_key(images)`` if already known."""
+        if not 0 <= dataset < len(self.tasks):
+            return None
+        model = self._model_key(images) if model is None else model
+        if model is None:
+            return None
+        rt, task = self.rt, self.tasks[dataset]
         # shard: in a multi-process run engine.evaluate reads this process's block of the test set
         key = self.cache.key(self.backbone, task.test, name=task.name, split="test", device=rt.device,
-                             amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True, feature=self.feature,
-                             channels_last=rt.channels_last)
+                             amp_dtype=rt.amp_dtype, batch_size=rt.eval_batch_size, shard=True, model=model)
         if key is None:
             return None
         entry = self.cache.get(key)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.engine import Runtime
@@ -73,16 +74,12 @@ def test_disk_cache_serves_a_later_run_and_a_trained_backbone_ignores_it(tmp_pat
 
 
 def tiny_backbone() -> TimmBackbone:
-    cfg = compose(["backbone=tiny_vit"]).backbone
     torch.manual_seed(0)
-    return TimmBackbone(model_name=cfg.model_name, pretrained=False, reinit_final_norm=True,
-                        model_kwargs=dict(cfg.model_kwargs)).eval()
+    return instantiate(compose(["backbone=tiny_vit"]).backbone).eval()
 
 
 @pytest.fixture(scope="module")
 def scenario():
-    from hydra.utils import instantiate
-
     cfg = compose(["data=synthetic", "backbone=tiny_vit"])
     return instantiate(cfg.data).build(tiny_backbone())
 
@@ -141,8 +138,6 @@ def test_key_depends_on_train_mode_and_feature(scenario):
 
 
 def test_feature_cache_config_is_checked_by_validate_and_the_constructor():
-    from hydra.utils import instantiate
-
     from clcli.config import check_config
     from clcli.errors import ConfigError
 
