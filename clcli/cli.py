@@ -23,6 +23,8 @@ Examples:
   clcli train -m optim.lr.representation=1e-4,1e-3 seed=1993,1996,1997
 """
 
+EXIT_INCOMPLETE = 3  # a run (or some job of a sweep) ended diverged or failed; 2 is bad input
+
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
@@ -44,37 +46,109 @@ def _hydra_main(task_fn):
 
 def _train(cfg):
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from clcli.train import run
 
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
-    return _guarded(lambda: run(cfg, Path(hc.runtime.output_dir), choices))
+    run_dir = Path(hc.runtime.output_dir)
+    if hc.mode != RunMode.MULTIRUN:
+        results = _guarded(lambda: run(cfg, run_dir, choices))
+        if results.get("status", "complete") != "complete":
+            failure = (results.get("failure") or {}).get("message", "")
+            print(f"clcli: the run did not complete ({results['status']}): {failure} Results so far: "
+                  f"{run_dir / 'results.json'}.", file=sys.stderr)
+            sys.exit(EXIT_INCOMPLETE)
+        return results
+    return _sweep_job(lambda: run(cfg, run_dir, choices), hc, run_dir)
+
+
+def _sweep_job(job, hc, run_dir: Path) -> dict:
+    """Run one job of a sweep and record its outcome (``clcli.sweep``); nothing a job raises stops
+    the sweep: a bad-input error prints its paragraph, anything else its traceback (job log)."""
+    import logging
+
+    from clcli import sweep
+    from clcli.results import headline
+
+    record = {"num": hc.job.num, "overrides": list(hc.overrides.task), "run_dir": str(run_dir)}
+    try:
+        results = job()
+        status = results.get("status", "complete")
+        record.update(status=status, headline=headline(results, partial=True), warnings=len(results.get("warnings") or []),
+                      message=(results.get("failure") or {}).get("message", ""))
+    except Exception as exc:  # noqa: BLE001 - recorded as the job's outcome; the sweep goes on
+        cause = _clcli_cause(exc)
+        if cause is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"clcli: error: {cause}", file=sys.stderr)
+        else:
+            logging.getLogger("clcli").exception("job #%s failed", hc.job.num)
+        record.update(status="error", message=str(cause or f"{type(exc).__name__}: {exc}"))
+    sweep.record_job(hc.sweep.dir, record)
+    return record
+
+
+def _clcli_cause(exc: BaseException):
+    """The ClcliError behind ``exc``: itself or its explicit cause (Hydra wraps errors raised while
+    instantiating a config as ``InstantiationException(...) from err``)."""
+    from clcli.errors import ClcliError
+
+    err: BaseException | None = exc
+    while err is not None and not isinstance(err, ClcliError):
+        err = err.__cause__
+    return err
 
 
 _invalid_jobs: list[str] = []
 
 
-def _validate(cfg):
+def _validate(cfg, quiet: bool = False):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from rich.console import Console
     from rich.markup import escape
 
     from clcli.config import check_config
+    from clcli.errors import ConfigError
 
     problems = _guarded(lambda: check_config(cfg))
-    console = Console()
+    console = Console(stderr=quiet)
     hc = HydraConfig.get()
     # a sweep validates every job: say which one each verdict is about
     job = escape(f"{' '.join(hc.overrides.task) or '(no overrides)'}: ") if hc.mode == RunMode.MULTIRUN else ""
     if problems:
-        console.print(f"{job}[red]{len(problems)} problem(s):[/red]", highlight=False)
-        for p in problems:
-            console.print(f"  - {p}", markup=False, highlight=False)
+        if quiet and not job:  # a single run: the same paragraph as any other bad-input error
+            print(f"clcli: error: {ConfigError(problems)}", file=sys.stderr)
+        else:
+            console.print(f"{job}[red]{len(problems)} problem(s):[/red]", highlight=False)
+            for p in problems:
+                console.print(f"  - {p}", markup=False, highlight=False)
         _invalid_jobs.append(job)  # every job of a sweep is checked; the exit code comes at the end
         return
-    console.print(f"{job}[green]configuration is valid[/green]", highlight=False)
+    if not quiet:
+        console.print(f"{job}[green]configuration is valid[/green]", highlight=False)
+
+
+# Hydra flags after which `clcli train` runs no job (it prints, or completes the shell): no pre-check.
+_NO_JOB_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+                 "--package", "-p", "--resolve"}
+
+
+def _check_jobs(rest: list[str], quiet: bool) -> int:
+    """Validate the configuration of every job that ``rest`` describes (one, or every job of a sweep)
+    in this process, writing nothing; returns the number of invalid jobs. Launcher settings are
+    dropped: the checks are cheap, and a joblib worker or a SLURM job could not report back."""
+    _invalid_jobs.clear()
+    scratch = tempfile.mkdtemp(prefix="clcli-validate-")
+    argv = [a for a in rest if not re.match(r"^[+~]*hydra([./])launcher", a)]
+    sys.argv = ["clcli validate", *argv, "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                "hydra/hydra_logging=disabled", "hydra.run.dir=.", f"hydra.sweep.dir={scratch}", "hydra/launcher=basic"]
+    try:
+        _hydra_main(lambda cfg: _validate(cfg, quiet=quiet))()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return len(_invalid_jobs)
 
 
 def _guarded(fn):
@@ -85,9 +159,7 @@ def _guarded(fn):
     try:
         return fn()
     except Exception as exc:
-        err: BaseException | None = exc
-        while err is not None and not isinstance(err, ClcliError):
-            err = err.__cause__ or err.__context__
+        err = exc if isinstance(exc, ClcliError) else _clcli_cause(exc)
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"clcli: error: {err}", file=sys.stderr)
@@ -100,25 +172,23 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command in ("train", "validate"):
-        # Hydra parses sys.argv itself: drop our subcommand word first.
-        sys.argv = [f"clcli {command}", *rest]
-        if command == "train":
-            _hydra_main(_train)()
-            return
-        # validate writes nothing: no .hydra/ or log, and a sweep's folders go to a scratch dir. Its
-        # jobs run in this process (basic launcher, whatever launcher the sweep names): the checks are
-        # cheap, and a joblib worker or a SLURM job could not report back into _invalid_jobs.
-        _invalid_jobs.clear()
-        scratch = tempfile.mkdtemp(prefix="clcli-validate-")
-        sys.argv = [a for a in sys.argv if not re.match(r"^[+~]*hydra/launcher=", a)]
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-                     "hydra.run.dir=.", f"hydra.sweep.dir={scratch}", "hydra/launcher=basic"]
-        try:
-            _hydra_main(_validate)()
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        if _invalid_jobs:
+    if command == "train":
+        # Every job is checked before any job runs (a sweep's bad job would otherwise surface mid-sweep).
+        if not _NO_JOB_FLAGS.intersection(a.split("=")[0] for a in rest) and _check_jobs(rest, quiet=True):
+            if len(_invalid_jobs) > 1 or _invalid_jobs[0]:
+                print(f"clcli: error: {len(_invalid_jobs)} sweep job(s) have configuration problems (listed "
+                      "above); no job was run.", file=sys.stderr)
+            sys.exit(2)
+        from clcli import sweep
+
+        sweep.last_incomplete = None
+        sys.argv = ["clcli train", *rest]  # Hydra parses sys.argv itself: without our subcommand word
+        _hydra_main(_train)()
+        if sweep.last_incomplete:
+            sys.exit(EXIT_INCOMPLETE)
+    elif command == "validate":
+        # validate writes nothing: no .hydra/ or log, and a sweep's folders go to a scratch dir.
+        if _check_jobs(rest, quiet=False):
             sys.exit(2)
     elif command == "table":
         from clcli.table import main as table_main

@@ -74,6 +74,14 @@ class Runtime:
     chance_loss_ratio: float = 0.9  # final epoch loss above ratio·ln C: the task did not learn
     console: Console = field(default_factory=lambda: Console(stderr=True))
     progress: Progress | None = None
+    task_index: int | None = None  # the task being run (set by the loop; stamps warnings)
+    warnings: list[dict] = field(default_factory=list)  # training outcomes worth recording (collapse)
+
+    def warn(self, record: dict) -> None:
+        """Record a training outcome that does not stop the run (results.json ``warnings``) and log it."""
+        record = {"task": self.task_index, **record}
+        self.warnings.append(record)
+        log.warning(record.get("message", str(record)))
 
     def loader(self, dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
                shard: bool = False):
@@ -140,8 +148,13 @@ class Runtime:
 
 
 class LossGuard:
-    """Stops training whose loss is non-finite or exploding, or that never leaves chance level:
-    collapsed training is a failed optimization, not the forgetting the papers measure."""
+    """Watches one training loop's losses and tells the two failures apart.
+
+    - *Divergence* (a non-finite loss, or one above ``factor`` x max(first loss, ln C)): the run
+      cannot go on; :meth:`check` raises :class:`DivergenceError` carrying where and why.
+    - *Collapse* (the last epoch's mean loss still near chance, ln C): a legitimate outcome, e.g.
+      Seq FT with a large learning rate. :meth:`collapse` describes it; the run goes on and records it.
+    """
 
     def __init__(self, where: str, num_classes: int, factor: float, chance_ratio: float = 0.9):
         self.where, self.factor, self.chance_ratio = where, factor, chance_ratio
@@ -152,34 +165,40 @@ class LossGuard:
         if self.first is None and math.isfinite(loss):
             self.first = loss
         limit = self.factor * max(self.first or 0.0, self.floor)
-        if not math.isfinite(loss) or loss > limit:
-            raise DivergenceError(
-                f"Training diverged in {self.where}, epoch {epoch + 1}, step {step + 1}: loss = {loss:.4g} "
-                f"(first loss {self.first if self.first is not None else float('nan'):.4g}, limit {limit:.4g}). "
-                "This is not forgetting but a failed optimization: lower optim.lr.representation / "
-                "optim.lr.classifier, or check the data. Checkpoints of finished tasks are kept."
-            )
+        if math.isfinite(loss) and loss <= limit:
+            return
+        reason = "non-finite loss" if not math.isfinite(loss) else "exploding loss"
+        raise DivergenceError(
+            f"Training diverged in {self.where}, epoch {epoch + 1}, step {step + 1}: loss = {loss:.4g} "
+            f"(first loss {self.first if self.first is not None else float('nan'):.4g}, limit {limit:.4g}). "
+            "This is not forgetting but a failed optimization: lower optim.lr.representation / "
+            "optim.lr.classifier, or check the data. Checkpoints of finished tasks are kept.",
+            where=self.where, epoch=epoch + 1, step=step + 1, loss=loss, reason=reason,
+        )
 
-    def check_learned(self, final_epoch_loss: float) -> None:
-        """CE at chance level is ln C: a task still there after its last epoch predicts (nearly)
-        the same class everywhere."""
+    def collapse(self, final_epoch_loss: float, epoch: int) -> dict | None:
+        """A record of the collapse when the last epoch's mean loss is above ``chance_ratio`` x ln C
+        (the model predicts nearly one class everywhere), else None. ``epoch`` is 1-based."""
         limit = self.chance_ratio * self.floor
-        if self.chance_ratio > 0 and final_epoch_loss > limit:
-            raise DivergenceError(
-                f"Training collapsed in {self.where}: the last epoch's mean loss {final_epoch_loss:.4g} is at "
-                f"chance level (ln C = {self.floor:.4g}; limit {limit:.4g} = guard.chance_loss_ratio x ln C), so "
-                "the model predicts (nearly) one class everywhere. This is a failed optimization, not "
-                "forgetting: lower optim.lr.representation / optim.lr.classifier or train longer "
-                "(optim.epochs). Checkpoints of finished tasks are kept; set guard.chance_loss_ratio=0 to disable."
-            )
+        if self.chance_ratio <= 0 or final_epoch_loss <= limit:
+            return None
+        return {
+            "kind": "collapse", "where": self.where, "epoch": epoch, "loss": final_epoch_loss,
+            "chance_loss": self.floor, "limit": limit,
+            "message": (f"Training collapsed in {self.where}: the last epoch's mean loss {final_epoch_loss:.4g} is at "
+                        f"chance level (ln C = {self.floor:.4g}; limit {limit:.4g} = guard.chance_loss_ratio x ln C), "
+                        "so the model predicts (nearly) one class there. The run goes on and records it; typical "
+                        "of a representation learning rate that is too large (the SLCA paper's Seq FT)."),
+        }
 
 
 def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
         train_mode: Callable[[], None] | None = None, require_learning: bool = False) -> list[float]:
     """Run ``epochs`` of ``loss = step(x, y)``, backward, optimizer step; schedule per epoch or per
-    step (``scheduler.per_step``). Returns the mean loss of every epoch. ``require_learning``: a
-    final epoch loss still at chance level stops the run (supervised fine-tuning from scratch heads).
+    step (``scheduler.per_step``). Returns the mean loss of every epoch. A non-finite or exploding
+    loss raises :class:`DivergenceError`. ``require_learning``: a final epoch loss still at chance
+    level is recorded as a collapse warning (``rt.warn``; the run goes on).
 
     ``step`` returns the mean over its batch (plus batch-independent terms): a multi-process run
     averages the ranks' gradients weighted by their sample counts, which is then the gradient of the
@@ -213,8 +232,8 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
         history.append(total / max(count, 1))
         log.info("%s epoch %d/%d: loss %.4f", where, epoch + 1, epochs, history[-1])
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; no stale grads leak into the next task
-    if require_learning and history:
-        guard.check_learned(history[-1])
+    if require_learning and history and (collapse := guard.collapse(history[-1], len(history))) is not None:
+        rt.warn(collapse)
     return history
 
 

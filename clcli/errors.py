@@ -28,7 +28,14 @@ class BackboneError(ClcliError):
 
 
 class DivergenceError(ClcliError):
-    """Training produced a non-finite or exploding loss."""
+    """Training produced a non-finite or exploding loss: a training outcome, not bad input. The run
+    loop records it (``status: diverged`` with ``details``) instead of letting it escape.
+
+    ``details``: where (the loop), epoch and step (1-based), the loss and the reason."""
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.details = {k: v for k, v in details.items() if v is not None}
 
 
 class CheckpointError(ClcliError):

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# The headline metrics of each scenario kind (``Scenario.kind``), in the papers' column order.
+HEADLINE_METRICS = {
+    "class_incremental": ("last_acc", "inc_acc", "forgetting"),
+    "domain_class_incremental": ("transfer", "avg", "last"),
+}
+
 
 class AccuracyMatrix:
     """``T×T`` correct/total counts; ``-1`` totals mark cells that were not evaluated."""
@@ -29,10 +35,11 @@ class AccuracyMatrix:
         out[self.total <= 0] = np.nan
         return out
 
-    def rows_done(self) -> int:
-        """Number of leading rows with at least one evaluated cell."""
-        done = (self.total >= 0).any(axis=1)
-        return int(np.argmin(done)) if not done.all() else self.num_tasks
+    def prefix(self, k: int) -> "AccuracyMatrix":
+        """The first ``k`` tasks as a run of ``k`` tasks (rows and columns ``< k``)."""
+        out = AccuracyMatrix(k)
+        out.correct, out.total = self.correct[:k, :k].copy(), self.total[:k, :k].copy()
+        return out
 
     def seen_accuracy(self) -> np.ndarray:
         """Per row: accuracy over every evaluated cell pooled (SLCA's top-1 over all seen classes)."""

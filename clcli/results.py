@@ -21,6 +21,7 @@ import torch
 
 from clcli import distributed
 from clcli.errors import CheckpointError
+from clcli.evaluation import HEADLINE_METRICS
 
 CHECKPOINT_FORMAT = "clcli-checkpoint-v1"
 
@@ -60,7 +61,7 @@ def config_fingerprint(resolved: dict) -> str:
     """Hash of the parts of a config that change results (not device, workers, resume, paths, caches),
     and of :data:`RNG_PROTOCOL`. ``eval`` stays in: DIKI's batch-wise task vote depends on the
     evaluation batch size."""
-    ignore = {"resume", "device", "loader", "checkpoint", "paths"}
+    ignore = {"resume", "redo_diverged", "device", "loader", "checkpoint", "paths"}
     relevant = {k: v for k, v in resolved.items() if k not in ignore}
     relevant["__rng_protocol__"] = RNG_PROTOCOL
     if isinstance(relevant.get("method"), dict):  # where features are cached never changes them
@@ -110,6 +111,18 @@ class RunStore:
                 f"Run dir '{self.dir}' already holds {'finished results' if res else 'checkpoints'} of this "
                 "configuration. Re-run with resume=true to continue it, or choose another hydra.run.dir."
             )
+
+    def set_aside_results(self) -> Path:
+        """Rename results.json to the first free ``results.<status>[-N].json`` (kept, never
+        overwritten) before a diverged run is redone; returns the new path (rank 0 renames)."""
+        status = (self.existing_results() or {}).get("status", "complete")
+        n, path = 0, self.dir / f"results.{status}.json"
+        while path.exists():
+            n += 1
+            path = self.dir / f"results.{status}-{n}.json"
+        if distributed.is_main():
+            os.replace(self.results_path, path)
+        return path
 
     def _checkpoint_fingerprint(self, path: Path) -> str | None:
         return self.load_checkpoint(path).get("fingerprint")
@@ -187,22 +200,48 @@ def write_outputs(run_dir: Path, results: dict) -> None:
     write_plots(run_dir, results)
 
 
-def headline(results: dict) -> dict[str, float | None]:
+def headline(results: dict, partial: bool = False) -> dict[str, float | None]:
+    """The headline metrics of a results dict; ``partial``: of the finished tasks of a run that
+    stopped early (``partial_metrics``) when it has no complete ones."""
     m = results["metrics"]
-    keys = ("transfer", "avg", "last") if results["scenario"]["kind"] == "domain_class_incremental" else ("last_acc", "inc_acc", "forgetting")
-    return {k: m.get(k) for k in keys}
+    if partial and results.get("status", "complete") != "complete":
+        m = results.get("partial_metrics") or {}
+    return {k: m.get(k) for k in HEADLINE_METRICS[results["scenario"]["kind"]]}
+
+
+def outcome_lines(results: dict) -> list[str]:
+    """Plain sentences about how the run ended: its failure (status != complete) and its warnings."""
+    lines = []
+    status = results.get("status", "complete")
+    if status != "complete":
+        f = results.get("failure") or {}
+        done = results.get("finished_tasks", 0)
+        lines.append(f"status: {status} in task {f.get('task')} ({f.get('stage')}); {done} of "
+                     f"{len(results['tasks'])} tasks finished. {f.get('message', '')}".rstrip())
+    for w in results.get("warnings") or []:
+        lines.append(f"warning ({w.get('kind')}, task {w.get('task')}, epoch {w.get('epoch')}, "
+                     f"loss {w.get('loss', float('nan')):.4g}): {w.get('message', '')}")
+    return lines
 
 
 def summary_markdown(results: dict) -> str:
     run = results["run"]
     out = [f"# {run.get('method')} on {run.get('data')} ({run.get('backbone')}), seed {results['seed']}", ""]
+    status = results.get("status", "complete")
+    out += [f"Status: **{status}**", ""]
     out.append("| metric | value |\n|---|---|")
     out += [f"| {k} | {_fmt(v)} |" for k, v in headline(results).items()]
+    if status != "complete" and results.get("partial_metrics"):
+        out += [f"| {k} (first {results.get('finished_tasks')} tasks) | {_fmt(v)} |"
+                for k, v in headline(results, partial=True).items()]
     names = [t["name"] for t in results["tasks"]]
     out += ["", "Accuracy matrix (%; row = after task, column = task):", "",
             "| after \\ task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, row in enumerate(results["accuracy_matrix"]):
         out.append(f"| {names[i]} | " + " | ".join(_fmt(v) for v in row) + " |")
+    outcome = outcome_lines(results)
+    if outcome:
+        out += ["", "## Outcome", "", *[f"- {line}" for line in outcome]]
     out += ["", f"Total time: {results['timings']['total_s']:.1f} s", ""]
     return "\n".join(out)
 
@@ -225,10 +264,13 @@ def write_plots(run_dir: Path, results: dict) -> None:
         ax.legend(fontsize=7, ncol=2)
         ax.set_ylabel("top-1 accuracy (%)")
     else:
-        ax.plot(range(1, T + 1), results["metrics"]["seen_acc"], marker="o")
+        seen = results["metrics"].get("seen_acc") or (results.get("partial_metrics") or {}).get("seen_acc") or []
+        ax.plot(range(1, len(seen) + 1), seen, marker="o")
         ax.set_ylabel("accuracy on seen classes (%)")
     ax.set_xlabel("after task")
-    ax.set_title(f"{results['run'].get('method')} / {results['run'].get('data')}")
+    status = results.get("status", "complete")
+    ax.set_title(f"{results['run'].get('method')} / {results['run'].get('data')}"
+                 + ("" if status == "complete" else f" ({status})"))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from clcli.results import headline
+from clcli.results import headline, outcome_lines
 
 
 def print_summary(results: dict, console: Console) -> None:
@@ -17,5 +18,11 @@ def print_summary(results: dict, console: Console) -> None:
     for i, row in enumerate(results["accuracy_matrix"]):
         table.add_row(names[i], *["" if v is None else f"{v:.1f}" for v in row])
     console.print(table)
-    metrics = "  ".join(f"[bold]{k}[/bold] {v:.2f}" for k, v in headline(results).items() if v is not None)
+    status = results.get("status", "complete")
+    partial = status != "complete"
+    metrics = "  ".join(f"[bold]{k}[/bold] {v:.2f}" for k, v in headline(results, partial=partial).items() if v is not None)
+    if partial:
+        metrics = f"[red]{status}[/red] after {results.get('finished_tasks', 0)} finished task(s)  {metrics}"
     console.print(f"{metrics}   ({results['timings']['total_s']:.0f} s)")
+    for line in outcome_lines(results):
+        console.print(f"[yellow]{escape(line)}[/yellow]")

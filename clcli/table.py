@@ -3,7 +3,9 @@ papers' numbers (DESIGN principle 7: a paper table is data).
 
 Usage::
 
-    clcli table DIR [--format md|csv|latex] [--output FILE] [--plot FILE]
+    clcli table DIR [--format md|csv|latex] [--output FILE] [--plot FILE] [--plot-x KEY]
+
+``--plot-x KEY`` (``clcli.series``) draws each headline metric against a swept config key instead.
 
 What it does, in order:
 
@@ -13,13 +15,16 @@ What it does, in order:
    these keys stops the command with exit code 2 and names the file.
 2. **Group.** Runs whose ``run`` choices and ``config`` are identical except for the keys that only
    name the repetition or the machine form one group (one table row). Ignored: ``seed`` and
-   ``train_seed``; ``device``, ``resume``, ``paths``, ``loader``, ``checkpoint``, ``eval``, ``guard``
-   (where and how safely it ran; ``precision`` is kept: it changes numerics); the ``paper`` block
+   ``train_seed``; ``device``, ``resume``, ``redo_diverged``, ``paths``, ``loader``, ``checkpoint``,
+   ``guard`` (where and how safely it ran; ``precision`` and ``eval`` are kept: they change numerics,
+   e.g. DIKI's batch-wise task vote depends on ``eval.batch_size``); the ``paper`` block
    (metadata); the ``sweep`` choice (which preset launched the run); and any leaf whose name ends in
    ``seed`` and whose value equals the run's ``seed`` (interpolations such as
    ``data.class_order_seed: ${seed}``).
 3. **Summarise.** Per group and headline metric: mean, *sample* standard deviation (``ddof=1``) and
-   ``n`` (runs with a value). With ``n = 1`` the std is undefined and shown as ``–`` (empty in CSV),
+   ``n`` (runs with a value) over the group's *complete* runs (``status``); runs that stopped early
+   (``diverged``) are never averaged in but counted in an ``outcome`` column (``diverged 1/3``), next to
+   runs with collapse warnings (``collapse 2/3``). With ``n = 1`` the std is undefined and shown as ``–`` (empty in CSV),
    never as a misleading 0. Headline metrics: class-incremental (SLCA, arXiv 2303.05118; spec
    slca.md §6): ``last_acc``, ``inc_acc``, ``forgetting``; MTIL (ZSCL's definitions, used by DIKI,
    arXiv 2407.05342; spec diki_mtil.md §2): ``transfer``, ``avg``, ``last``, plus a per-dataset table.
@@ -72,7 +77,7 @@ HEADLINE = {
 KIND_TITLE = {"class_incremental": "Class-incremental", MTIL_KIND: "MTIL"}
 
 # Config keys that say *where/how* a run ran or *which repetition* it is, not *what* was run.
-IGNORED_CONFIG_KEYS = {"seed", "train_seed", "device", "resume", "paths", "loader", "checkpoint", "eval",
+IGNORED_CONFIG_KEYS = {"seed", "train_seed", "device", "resume", "redo_diverged", "paths", "loader", "checkpoint",
                        "guard", "paper", "hydra"}
 IGNORED_CHOICES = {"sweep"}  # the preset that launched a run does not change it
 CHOICE_ORDER = ("experiment", "method", "data", "backbone", "optim")
@@ -143,7 +148,26 @@ def validate_results(res: Any) -> list[str]:
                 problems.append(f"metrics.{m} is not a number ({v!r})")
     if res.get("paper") is not None and not isinstance(res.get("paper"), dict):
         problems.append("'paper' must be an object or null")
+    if not isinstance(res.get("status", "complete"), str):
+        problems.append("'status' must be a string")
     return problems
+
+
+def status_of(res: dict) -> str:
+    """``complete`` unless the run says otherwise (results written before runs had a status were
+    complete: a failed run wrote none)."""
+    return res.get("status", "complete")
+
+
+def outcome_text(runs: list[dict]) -> str:
+    """How the runs ended, where not all completed cleanly: ``diverged 1/3``, ``collapse 2/3``."""
+    n, parts = len(runs), []
+    statuses = Counter(status_of(r) for r in runs if status_of(r) != "complete")
+    parts += [f"{st} {k}/{n}" for st, k in sorted(statuses.items())]
+    collapsed = sum(any(w.get("kind") == "collapse" for w in r.get("warnings") or []) for r in runs)
+    if collapsed:
+        parts.append(f"collapse {collapsed}/{n}")
+    return "; ".join(parts)
 
 
 def headline_metrics(kind: str | None) -> tuple[str, ...]:
@@ -226,12 +250,21 @@ class Group:
         tasks = self.runs[0].get("tasks") or self.runs[0]["scenario"].get("tasks") or []
         return tuple(str(t.get("name", i)) for i, t in enumerate(tasks))
 
+    @property
+    def complete(self) -> list[dict]:
+        """The runs that finished every task: the only ones a mean or curve is taken over."""
+        return [r for r in self.runs if status_of(r) == "complete"]
+
+    @property
+    def outcome(self) -> str:
+        return outcome_text(self.runs)
+
     def stat(self, metric: str) -> Stat:
-        return Stat.of([r["metrics"].get(metric) for r in self.runs])
+        return Stat.of([r["metrics"].get(metric) for r in self.complete])
 
     def per_dataset(self, metric: str) -> list[Stat]:
         """Per-dataset MTIL values (``metrics.per_dataset[metric]``), one Stat per dataset."""
-        lists = [((r["metrics"].get("per_dataset") or {}).get(metric) or []) for r in self.runs]
+        lists = [((r["metrics"].get("per_dataset") or {}).get(metric) or []) for r in self.complete]
         width = max((len(v) for v in lists), default=0)
         return [Stat.of([v[i] if i < len(v) else None for v in lists]) for i in range(width)]
 
@@ -256,7 +289,7 @@ class Group:
         """Accuracy after each task, mean and std over runs: ``metrics.seen_acc`` (CIL) or, for
         MTIL, the mean of each accuracy-matrix row (all datasets, future ones included)."""
         curves = []
-        for r in self.runs:
+        for r in self.complete:
             c = r["metrics"].get("seen_acc")
             if c is None and r.get("accuracy_matrix"):
                 c = [np.mean([v for v in row if v is not None]) if any(v is not None for v in row) else np.nan
@@ -409,6 +442,8 @@ def _paper_notes(groups: list[Group]) -> list[str]:
 
 
 STAT_NOTE = f"mean ± sample std (ddof=1) over seeds; n = runs with a value; std {DASH} when n = 1."
+OUTCOME_NOTE = ("outcome: runs that did not finish (e.g. diverged k/n) are left out of every mean; collapse k/n: "
+                "runs where some task's training loss stayed at chance level (results.json warnings).")
 
 
 def _title(kind: str, groups: list[Group]) -> str:
@@ -422,14 +457,15 @@ def headline_table(groups: list[Group], kind: str) -> TextTable:
     gs = [g for g in groups if g.kind == kind]
     metrics = headline_metrics(kind)
     with_paper = {m: any(g.paper_value(m) is not None for g in gs) for m in metrics}
-    header = ["group", "seeds"]
+    with_outcome = any(g.outcome for g in gs)
+    header = ["group", "seeds"] + (["outcome"] if with_outcome else [])
     for m in metrics:
         header.append(m)
         if with_paper[m]:
             header += [f"{m} paper", f"{m} Δ"]
     rows = []
     for g in gs:
-        row = [g.label, ",".join(map(str, g.seeds))]
+        row = [g.label, ",".join(map(str, g.seeds))] + ([g.outcome or DASH] if with_outcome else [])
         for m in metrics:
             s = g.stat(m)
             row.append(s.text())
@@ -437,7 +473,8 @@ def headline_table(groups: list[Group], kind: str) -> TextTable:
                 p = g.paper_value(m)
                 row += [_paper_cell(g, m), DASH if p is None or s.mean is None else _signed(s.mean - p)]
         rows.append(row)
-    return TextTable(_title(kind, gs), header, rows, [STAT_NOTE, *_paper_notes(gs)])
+    notes = [STAT_NOTE] + ([OUTCOME_NOTE] if with_outcome else [])
+    return TextTable(_title(kind, gs), header, rows, [*notes, *_paper_notes(gs)])
 
 
 def per_dataset_tables(groups: list[Group]) -> list[TextTable]:
@@ -549,7 +586,7 @@ def render_csv(groups: list[Group]) -> str:
     metrics = list(dict.fromkeys(m for k in kinds for m in headline_metrics(k)))
     pd_cols = list(dict.fromkeys((m, name) for g in groups if g.kind == MTIL_KIND
                                  for m in HEADLINE[MTIL_KIND] for name in g.task_names))
-    header = ["group", "kind", *choice_keys, "config_diff", "seeds", "n_runs"]
+    header = ["group", "kind", *choice_keys, "config_diff", "seeds", "n_runs", "n_complete", "outcome"]
     for m in metrics:
         header += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_paper_unverified", f"{m}_diff"]
     header += [f"per_dataset.{m}.{name}_{s}" for m, name in pd_cols for s in ("mean", "std")]
@@ -560,7 +597,7 @@ def render_csv(groups: list[Group]) -> str:
     for g in groups:
         row = [g.label, g.kind, *[g.choices.get(k, "") for k in choice_keys],
                ";".join(f"{k}={_fmt_value(v)}" for k, v in g.config_diff.items()),
-               " ".join(map(str, g.seeds)), len(g.runs)]
+               " ".join(map(str, g.seeds)), len(g.runs), len(g.complete), g.outcome]
         for m in metrics:
             if m not in g.metrics:
                 row += [""] * 6
@@ -665,6 +702,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", type=Path, help="file for the --format table")
     p.add_argument("--plot", metavar="FILE", type=Path, help="comparison plot (png/pdf/svg): metric bars with std error bars and "
                                              "accuracy curves per group")
+    p.add_argument("--plot-x", metavar="KEY", help="instead: each headline metric against this swept config key or group "
+                   "choice (e.g. optim.lr.representation), one line per configuration, mean ± std over seeds; the "
+                   "figure goes to --plot FILE (default DIR/metric_vs_KEY.png), --format/--output give the same series")
     return p
 
 
@@ -684,6 +724,9 @@ def main(argv: list[str] | None = None) -> None:
         fmt = FORMAT_BY_SUFFIX.get(args.output.suffix.lower())
         if fmt is None:
             _fail(f"cannot tell the format of '{args.output}' from its suffix; add --format md|csv|latex.")
+    if args.plot_x is not None:
+        _plot_x_main(args, fmt)
+        return
     try:
         groups = group_runs(load_results(args.dir))
     except TableError as exc:
@@ -711,6 +754,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot is not None:
         write_plot(groups, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _plot_x_main(args, fmt: str | None) -> None:
+    """``--plot-x KEY``: the series table (rich, or --format/--output) and the metric-vs-KEY figure."""
+    from clcli.series import build_series, plot_series, series_csv, series_table
+
+    try:
+        series = build_series(load_results(args.dir), args.plot_x)
+    except TableError as exc:
+        _fail(str(exc))
+    tables = [series_table(series, args.plot_x)]
+    text = (lambda: series_csv(series, args.plot_x) if fmt == "csv" else
+            render_markdown(tables) if fmt == "md" else render_latex(tables))
+    if fmt is not None and args.output is None:
+        sys.stdout.write(text())
+    else:
+        from rich.console import Console
+
+        render_rich(tables, Console(width=None if sys.stdout.isatty() else 250))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text())
+        print(f"wrote {args.output} ({fmt})", file=sys.stderr)
+    safe_key = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in args.plot_x)
+    plot = args.plot if args.plot is not None else args.dir / f"metric_vs_{safe_key}.png"
+    plot_series(series, args.plot_x, plot)
+    print(f"wrote {plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

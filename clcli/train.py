@@ -1,5 +1,9 @@
 """The training loop: build, then for every task begin/train/end/evaluate/checkpoint, then report.
 
+A training outcome is data: a diverged task stops the loop and the run is written with
+``status: diverged`` and ``failure`` (task, stage, epoch, step, loss, why); a collapse to chance is a
+``warnings`` entry and the run goes on. Exceptions are for bad input.
+
 Under ``torchrun`` every process runs this same loop on its shard of the data (``clcli.distributed``);
 only rank 0 writes files and prints."""
 from __future__ import annotations
@@ -15,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from clcli import distributed
 from clcli.config import PRECISIONS, check_config
 from clcli.engine import Runtime, apply_perf_options, evaluate, loader_workers, resolve_device, seed_everything
-from clcli.errors import ConfigError
-from clcli.evaluation import AccuracyMatrix, cil_metrics, mtil_metrics
+from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL
+from clcli.errors import ConfigError, DivergenceError
+from clcli.evaluation import HEADLINE_METRICS, AccuracyMatrix, cil_metrics, mtil_metrics
 from clcli.results import RunStore, config_fingerprint, environment, write_outputs
 from clcli.summary import print_summary
 
@@ -38,9 +43,14 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
     store = RunStore(run_dir, config_fingerprint(resolved), keep=cfg.checkpoint.keep)
     store.guard_existing(cfg.resume)
     done = store.existing_results()
+    if done is not None and done.get("status", "complete") != "complete" and cfg.redo_diverged:
+        log.info("redoing the %s run in %s from its last checkpoint (redo_diverged=true); its results "
+                 "are kept as %s", done.get("status"), run_dir, store.set_aside_results().name)
+        done = None
     distributed.barrier()  # every rank has read the run dir before rank 0 writes to it
     if done is not None:
-        log.info("results in %s are complete; nothing to do", run_dir)
+        log.info("results in %s are %s; nothing to do%s", run_dir, done.get("status", "complete"),
+                 "" if done.get("status", "complete") == "complete" else " (redo_diverged=true retrains it)")
         return done
 
     t0 = time.perf_counter()
@@ -61,40 +71,47 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
         method.load_state_dict(state["method"])
         matrix.load_state_dict(state["matrix"])
         timings, start = state["timings"], state["task"] + 1
+        rt.warnings = list(state.get("warnings", []))
         log.info("resuming %s after task %d", run_dir, state["task"])
 
+    status, failure = "complete", None
     with rt.live():
         for task in rt.track(scenario.tasks[start:], "tasks", total=len(scenario) - start):
             seed_everything(train_seed * 1000 + task.index)  # per task: resume draws the same numbers
-            t = {"task": task.index}
-            tick = time.perf_counter()
-            method.begin_task(task)
-            method.train_task(task)
-            t["train_s"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-            method.end_task(task)
-            t["end_task_s"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-            evaluate(method, scenario, task.index, matrix, rt)
-            t["eval_s"] = time.perf_counter() - tick
+            rt.task_index, t, stage = task.index, {"task": task.index}, "train"
+            try:
+                tick = time.perf_counter()
+                method.begin_task(task)
+                method.train_task(task)
+                t["train_s"], tick, stage = time.perf_counter() - tick, time.perf_counter(), "end_task"
+                method.end_task(task)
+                t["end_task_s"], tick, stage = time.perf_counter() - tick, time.perf_counter(), "eval"
+                evaluate(method, scenario, task.index, matrix, rt)
+                t["eval_s"] = time.perf_counter() - tick
+            except DivergenceError as exc:  # a training outcome: record where and why, keep what is done
+                status = "diverged"
+                failure = {"task": task.index, "task_name": task.name, "stage": stage, **exc.details, "message": str(exc)}
+                log.error("%s", exc)
+                break
             timings.append(t)
             row = matrix.percent()[task.index]
             log.info("after task %d: %s", task.index, np.round(row[~np.isnan(row)], 2).tolist())
-            state = {"method": method.state_dict(), "matrix": matrix.state_dict(), "timings": timings}
+            state = {"method": method.state_dict(), "matrix": matrix.state_dict(), "timings": timings,
+                     "warnings": rt.warnings}
             distributed.check_in_sync(state["method"], f"after task {task.index}")
             store.save_checkpoint(task.index, state)  # rank 0 writes
 
-    acc = matrix.percent()
-    kind = scenario.kind
-    metrics = mtil_metrics(acc) if kind == "domain_class_incremental" else cil_metrics(matrix)
     results = {
         "format": "clcli-results-v1",
+        "status": status,
+        "failure": failure,
+        "warnings": rt.warnings,
         "fingerprint": store.fingerprint,
         "run": dict(choices),
         "seed": cfg.seed,
         "train_seed": train_seed,
-        "metrics": metrics,
-        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in acc],
+        **outcome_metrics(scenario.kind, matrix, finished=len(timings)),
+        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix.percent()],
         "counts": matrix.state_dict(),
         "class_order": scenario.class_order,
         "tasks": [{"name": t.name, "class_ids": list(map(int, t.class_ids)),
@@ -110,3 +127,17 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
     if distributed.is_main():
         print_summary(results, rt.console)
     return results
+
+
+def outcome_metrics(kind: str, matrix: AccuracyMatrix, finished: int) -> dict:
+    """``metrics`` of a complete run. A run that stopped early has its headline metrics null (no
+    table averages a run that did not finish) and ``partial_metrics``: the same metrics over the
+    tasks it finished, as if the scenario had ended there (null when none finished)."""
+    def metrics_of(m: AccuracyMatrix) -> dict:
+        return mtil_metrics(m.percent()) if kind == DOMAIN_CLASS_INCREMENTAL else cil_metrics(m)
+
+    if finished == matrix.num_tasks:
+        return {"metrics": metrics_of(matrix)}
+    partial = metrics_of(matrix.prefix(finished)) if finished else None
+    return {"metrics": {k: None for k in HEADLINE_METRICS[kind]}, "partial_metrics": partial,
+            "finished_tasks": finished}

@@ -158,8 +158,9 @@ def test_corrupted_checkpoint_is_refused_on_resume(tmp_path, capsys):
 def test_divergence_stops_with_task_epoch_step(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, out = _cli(["train", *TINY, "method=seq_ft", "optim.lr.classifier=1e4", f"hydra.run.dir={run_dir}"], capsys)
-    assert code == 2 and "Training diverged in task 0" in out and "epoch" in out and "step" in out
-    assert not (run_dir / "results.json").exists()
+    assert code == 3 and "Training diverged in task 0" in out and "epoch" in out and "step" in out
+    res = json.loads((run_dir / "results.json").read_text())  # an outcome, recorded
+    assert res["status"] == "diverged" and res["failure"]["task"] == 0 and res["finished_tasks"] == 0
 
 
 SLOW_DATA = ["data.source.train_per_class=60", "data.source.test_per_class=10", "method=slca", "optim.lr.classifier=0.01",
