@@ -34,7 +34,7 @@ from clcli.data.scenario import build_domain_incremental
 from clcli.data.synthetic import SyntheticSource
 from clcli.engine import Runtime, evaluate
 from clcli.evaluation import AccuracyMatrix
-from clcli.methods.clip_baselines import clip_backbone
+from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
 
 OPTIM = {"name": "sgd", "lr": {"representation": 5.0, "classifier": 5.0}, "momentum": 0.0, "weight_decay": 0.0,

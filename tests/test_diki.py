@@ -28,7 +28,8 @@ from clcli.engine import Runtime
 from clcli.errors import ConfigError, DataError
 from clcli.evaluation import mtil_metrics
 from clcli.methods.base import EvalBatch
-from clcli.methods.clip_baselines import ZeroShotCLIP, clip_backbone
+from clcli.methods.clip_baselines import ZeroShotCLIP
+from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI, calibrate, calibration_weight, majority_task
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

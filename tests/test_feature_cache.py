@@ -24,7 +24,8 @@ from clcli.engine import Runtime, evaluate
 from clcli.errors import ConfigError
 from clcli.evaluation import AccuracyMatrix
 from clcli.methods.base import EvalBatch
-from clcli.methods.clip_baselines import ZeroShotCLIP, clip_backbone
+from clcli.methods.clip_baselines import ZeroShotCLIP
+from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -10,7 +10,6 @@ the text features of the class prompts are the classifier.
   the reference DIKI's Transfer should approach (spec §11.2).
 - :class:`ContinualCLIPFT` (``method=clip_ft``): the "Continual-FT" row — both encoders fine-tuned on
   each dataset in turn with CE over its classes, no protection against forgetting.
-- :func:`clip_backbone`: the Hydra target of ``conf/backbone/{clip_vit_b16,tiny_clip}.yaml``.
 - :class:`PromptBank`, :func:`cosine_logits`, :func:`require_clip`: shared with :mod:`clcli.methods.diki`.
 """
 from __future__ import annotations
@@ -32,31 +31,6 @@ from clcli.models.clip import ClipBackbone
 log = logging.getLogger("clcli")
 
 OPTIMIZERS = ("adamw", "sgd")
-
-
-def clip_backbone(kind: str = "clip", **kwargs) -> ClipBackbone:
-    """Build a :class:`~clcli.models.clip.ClipBackbone` from a backbone config.
-
-    The config carries ``kind: clip`` so that ``check_config`` can refuse CLIP-only methods on timm
-    backbones (``method.requires_backbone``) before anything is built; ``ClipBackbone`` itself takes
-    no ``kind`` argument, so this thin factory consumes it. It also records ``weights_identity``
-    (architecture, tag or file, open_clip version) for results.json's provenance block.
-    """
-    if kind != "clip":
-        raise ConfigError([f"backbone.kind: a CLIP backbone config must say kind: clip, got {kind!r}."])
-    import open_clip
-
-    bb = ClipBackbone(**kwargs)
-    identity = {"model_name": bb.model_name, "open_clip": open_clip.__version__, "precision": bb.precision,
-                "quick_gelu": bb.quick_gelu}
-    if bb.checkpoint_path:
-        from clcli.models.timm_backbone import file_sha256
-
-        identity.update(file=str(bb.checkpoint_path), sha256=file_sha256(bb.checkpoint_path))
-    else:
-        identity["pretrained_tag"] = bb.pretrained  # None = random initialisation (tiny_clip)
-    bb.weights_identity = identity
-    return bb
 
 
 def not_positive(cfg, key: str) -> bool:
