@@ -40,9 +40,10 @@ class Method(Protocol):
 
     ``predict(batch)`` (an :class:`EvalBatch`) returns logits ``[B, len(batch.candidates)]`` over
     the contiguous global label range ``batch.candidates`` (all seen classes for class-incremental
-    scenarios, the evaluated dataset's classes for MTIL). ``state_dict()`` holds everything needed
-    to continue after the last finished task (per-task checkpoints and resume); ``summary()``
-    returns facts worth recording in results.json (e.g. parameter counts).
+    scenarios, the evaluated dataset's classes for MTIL); the batch's task and position serve caching
+    and bookkeeping, and a class-incremental method must not predict from them. ``state_dict()``
+    holds everything needed to continue after the last finished task (per-task checkpoints and
+    resume); ``summary()`` returns facts worth recording in results.json (e.g. parameter counts).
 
     Optionally, a static ``config_problems(optim, **method_keys) -> list[str]`` checks the method's
     own keys without a backbone; ``clcli validate`` (``config.check_config``) and the constructor
