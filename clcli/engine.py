@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clcli import distributed
 from clcli.errors import DivergenceError
+from clcli.methods.base import EvalBatch
 
 log = logging.getLogger("clcli")
 
@@ -253,15 +254,17 @@ def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], dataset, rt: Ru
 @torch.inference_mode()
 def evaluate(method, scenario, after: int, matrix, rt: Runtime) -> None:
     """Score ``method.predict`` on every task the scenario evaluates after task ``after`` and record
-    correct/total counts in row ``after`` of ``matrix``. Multi-process: each rank predicts a block of
-    every test set and the counts are summed."""
+    correct/total counts in row ``after`` of ``matrix``. Every batch goes out as an
+    :class:`~clcli.methods.base.EvalBatch` naming its test set and position in the unshuffled loader
+    (what a feature cache keys on). Multi-process: each rank predicts a block of every test set
+    (``batch_index`` counts this rank's batches) and the counts are summed."""
     for task in scenario.eval_tasks(after):
         candidates = scenario.candidates(after, task)
         loader = rt.loader(task.test, rt.eval_batch_size, shuffle=False, shard=True)
         correct = total = 0
-        for x, y in rt.track(loader, f"eval {task.name}"):
+        for j, (x, y) in enumerate(rt.track(loader, f"eval {task.name}")):
             with rt.autocast():
-                logits = method.predict(rt.images(x), candidates)
+                logits = method.predict(EvalBatch(rt.images(x), task, candidates, batch_index=j, after=after))
             pred = logits.argmax(1).cpu() + candidates.start
             correct += int((pred == y).sum())
             total += len(y)

@@ -34,7 +34,7 @@ from clcli.data.scenario import build_domain_incremental
 from clcli.data.synthetic import SyntheticSource
 from clcli.engine import Runtime, evaluate
 from clcli.evaluation import AccuracyMatrix
-from clcli.methods.clip_baselines import clip_backbone
+from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
 
 OPTIM = {"name": "sgd", "lr": {"representation": 5.0, "classifier": 5.0}, "momentum": 0.0, "weight_decay": 0.0,
@@ -111,8 +111,8 @@ def main() -> None:
     def record(method: DIKI, name: str) -> None:
         real = method.predict
 
-        def predict(images, candidates):
-            out = real(images, candidates)
+        def predict(batch):
+            out = real(batch)
             logs.setdefault(name, []).append(out.detach().cpu())
             return out
 
@@ -151,9 +151,9 @@ def main() -> None:
         assert len(logs["cached"]) == len(logs["recompute"])
         assert all(torch.equal(a, b) for a, b in zip(logs["cached"], logs["recompute"])), "logits differ"
     assert m_fill.state_dict() == reference
-    served = sum(e.served for e in cached.features.entries())
-    assert cached.features.counts["computed"] == T and served == (args.repeats + 1) * len(logs["cached"]), \
-        (cached.features.counts, served)
+    report = cached.frozen.report()  # the fill stage encodes every batch once, the repeats are served
+    assert report["datasets_encoded"] == T and report["batches_encoded"] == len(logs["cached"]) and \
+        report["batches_served"] == args.repeats * len(logs["cached"]), report
     rec, cac = statistics.median(times["recompute"]), statistics.median(times["cached"])
     print(f"recompute frozen features: {rec:.3f} s (median of {args.repeats}: "
           f"{', '.join(f'{t:.3f}' for t in times['recompute'])})")

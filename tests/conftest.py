@@ -52,7 +52,7 @@ def tiny_clip():
     """A tiny random-init open_clip model (registered config, offline tokenizer), built once."""
     import torch
 
-    from clcli.methods.clip_baselines import clip_backbone
+    from clcli.models.clip import clip_backbone
 
     torch.manual_seed(0)
     return clip_backbone(model_name="tiny-clip", precision="fp32")

@@ -27,7 +27,9 @@ from clcli.data.synthetic import SyntheticSource
 from clcli.engine import Runtime
 from clcli.errors import ConfigError, DataError
 from clcli.evaluation import mtil_metrics
-from clcli.methods.clip_baselines import ZeroShotCLIP, clip_backbone
+from clcli.methods.base import EvalBatch
+from clcli.methods.clip_baselines import ZeroShotCLIP
+from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI, calibrate, calibration_weight, majority_task
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -133,7 +135,7 @@ def test_majority_vote_and_per_sample_weights(backbone, scenario, monkeypatch):
     monkeypatch.setattr(method.model, "encode_image", spy_image)
     monkeypatch.setattr(method.model, "encode_text", spy_text)
     images = torch.stack([scenario.tasks[1].test[i][0] for i in range(5)])
-    logits = method.predict(images, scenario.tasks[1].labels)
+    logits = method.predict(EvalBatch(images, scenario.tasks[1], scenario.tasks[1].labels))
     assert logits.shape == (5, scenario.tasks[1].num_classes)
     assert calls["image"][0] == 1  # the majority task for the whole batch
     torch.testing.assert_close(calls["image"][1], expected_w)  # each sample its own max-S weight
@@ -153,8 +155,8 @@ def test_sample_selection_equals_batch_selection_one_sample_at_a_time(backbone, 
     batch.model, batch.stats = method.model, method.stats
     task = scenario.tasks[2]
     images = torch.stack([task.test[i][0] for i in range(0, len(task.test), 3)])
-    per_sample = method.predict(images, task.labels)
-    one_by_one = torch.cat([batch.predict(images[i : i + 1], task.labels) for i in range(len(images))])
+    per_sample = method.predict(EvalBatch(images, task, task.labels))
+    one_by_one = torch.cat([batch.predict(EvalBatch(images[i : i + 1], task, task.labels)) for i in range(len(images))])
     torch.testing.assert_close(per_sample, one_by_one, rtol=1e-4, atol=1e-4)
 
 
@@ -222,13 +224,13 @@ def test_zeroshot_equals_plain_clip_and_untrained_diki(backbone, scenario):
         txt = backbone.model.encode_text(backbone.tokenize(task.prompts()), normalize=True)  # full 77 tokens
         img = backbone.model.encode_image(images, normalize=True)
         plain = backbone.logit_scale * img @ txt.T
-    ours = zs.predict(images, task.labels)
+    ours = zs.predict(EvalBatch(images, task, task.labels))
     torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(ours.argmax(1), plain.argmax(1))
 
     method = make_diki(backbone, scenario)
     method.begin_task(scenario.tasks[0])  # a Gaussian and residuals with V_r = 0: still zero-shot CLIP
-    torch.testing.assert_close(method.predict(images, task.labels), plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(method.predict(EvalBatch(images, task, task.labels)), plain, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ end to end (spec §2, §10)

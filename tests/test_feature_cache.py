@@ -17,13 +17,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from clcli.cache import FeatureCache, image_hashes
+from clcli.cache import FeatureCache
 from clcli.data.images import ImageDataset
 from clcli.data.mtil_data import SyntheticMTILData
 from clcli.engine import Runtime, evaluate
 from clcli.errors import ConfigError
 from clcli.evaluation import AccuracyMatrix
-from clcli.methods.clip_baselines import ZeroShotCLIP, clip_backbone
+from clcli.methods.base import EvalBatch
+from clcli.methods.clip_baselines import ZeroShotCLIP
+from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -68,8 +70,8 @@ def recording(method: DIKI) -> list[torch.Tensor]:
     log: list[torch.Tensor] = []
     real = method.predict
 
-    def predict(images, candidates):
-        out = real(images, candidates)
+    def predict(batch):
+        out = real(batch)
         log.append(out)
         return out
 
@@ -89,10 +91,14 @@ def count_frozen_passes(monkeypatch, backbone) -> dict:
     return calls
 
 
-def key_of(cache, backbone, ds, **kw):
-    args = dict(name="leaves", split="test", device=torch.device("cpu"), amp_dtype=None, batch_size=EVAL_BS)
-    args.update(kw)
-    return FeatureCache.digest(cache.key(backbone, ds, **args))
+def key_of(cache, backbone, ds, name="leaves", split="test", batch_size=EVAL_BS, amp_dtype=None):
+    rt = Runtime(eval_batch_size=batch_size, amp_dtype=amp_dtype)
+    return FeatureCache.digest(cache.key(backbone, ds, rt, name=name, split=split))
+
+
+def first_pass_batches(scenario, batch_size=EVAL_BS) -> int:
+    """Eval batches of one evaluation of every test set: the ones that fill the cache."""
+    return sum(-(-len(t.test) // batch_size) for t in scenario.tasks)
 
 
 # ------------------------------------------------------------------ keys
@@ -158,20 +164,7 @@ def test_key_of_file_items_follows_the_files(backbone, tmp_path):
     os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert key_of(FeatureCache(), backbone, ds) != k0
     weird = ImageDataset(SplitData([object()] * 3, np.arange(3)), np.arange(3), None)
-    assert FeatureCache().key(backbone, weird, name="x", split="test", device=torch.device("cpu"),
-                              amp_dtype=None, batch_size=2) is None  # unknown items: never cached
-
-
-def test_image_hashes_see_every_bit_and_the_order():
-    x = torch.randn(4, 3, 8, 8)
-    h = image_hashes(x)
-    assert h.shape == (4, 2) and h.dtype == torch.int64
-    assert torch.equal(image_hashes(x.clone()), h)
-    y = x.clone()
-    y[2, 1, 3, 3] = torch.nextafter(y[2, 1, 3, 3], torch.tensor(float("inf")))  # one ulp
-    hy = image_hashes(y)
-    assert torch.equal(hy[[0, 1, 3]], h[[0, 1, 3]]) and (hy[2] != h[2]).all()
-    assert torch.equal(image_hashes(x[[1, 0, 2, 3]]), h[[1, 0, 2, 3]])  # per sample
+    assert FeatureCache().key(backbone, weird, Runtime(eval_batch_size=2), name="x", split="test") is None
 
 
 # ------------------------------------------------------------------ DIKI: cached == uncached
@@ -195,46 +188,66 @@ def test_diki_cached_predictions_equal_uncached(backbone, scenario, monkeypatch,
         # stage 0 fills the cache (one frozen pass per test set), later stages encode nothing frozen
         assert calls["images"] - before == (n_test if after == 0 else 0)
         evaluate(plain, scenario, after, mats["p"], plain.rt)
-    assert len(log_c) == len(log_p) == T * sum(-(-len(t.test) // EVAL_BS) for t in scenario.tasks)
+    assert len(log_c) == len(log_p) == T * first_pass_batches(scenario)
     assert all(torch.equal(a, b) for a, b in zip(log_c, log_p))  # bit-identical logits
     assert mats["c"].state_dict() == mats["p"].state_dict()
-    entries = list(cached.features.entries())
-    assert cached.features.counts["computed"] == T and len(entries) == T
-    assert sum(e.served for e in entries) == len(log_c) and sum(e.missed for e in entries) == 0
+    report = cached.frozen.report()
+    assert report["datasets_encoded"] == T and report["batches_encoded"] == first_pass_batches(scenario)
+    assert report["batches_served"] == len(log_c) - first_pass_batches(scenario)
 
 
-def test_batches_that_are_not_loader_batches_are_computed(backbone, scenario):
+def test_only_batches_named_by_the_evaluator_are_served(backbone, scenario):
+    """A batch with a loader position is stored, then served; a batch without one, of another size,
+    under another autocast state, or after the weights changed is encoded (and equals the uncached
+    method's logits bit for bit)."""
     cached, plain = make_diki(backbone, scenario, "memory"), make_diki(backbone, scenario, "off")
     learn_all(plain, scenario)
     share_learning(cached, plain)
     task = scenario.tasks[2]
     first = torch.stack([task.test[i][0] for i in range(EVAL_BS)])
-    torch.testing.assert_close(cached.predict(first, task.labels), plain.predict(first, task.labels), rtol=0, atol=0)
-    (entry,) = cached.features.entries()  # filled by the first full-size batch
-    assert entry.served == 1
-    strided = torch.stack([task.test[i][0] for i in range(0, len(task.test), 3)])
-    shuffled = first[torch.randperm(EVAL_BS)]
+
+    def same(images, **where):
+        batch = EvalBatch(images, task, task.labels, **where)
+        return torch.equal(cached.predict(batch), plain.predict(batch))
+
+    def counts():
+        r = cached.frozen.report()
+        return r["batches_served"], r["batches_encoded"]
+
+    assert same(first, batch_index=0) and counts() == (0, 1)  # stored
+    assert same(first, batch_index=0) and counts() == (1, 1)  # served
     nudged = first.clone()
     nudged[4, 0, 5, 5] += 1e-3
-    sub = first[:7]
-    for images in (strided, shuffled, nudged, sub):
-        assert torch.equal(cached.predict(images, task.labels), plain.predict(images, task.labels))
-    assert entry.served == 1 and entry.missed == 4
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # not the context the entry was computed in
-        assert torch.equal(cached.predict(first, task.labels), plain.predict(first, task.labels))
-    assert entry.served == 1
-    assert torch.equal(cached.predict(first, task.labels), plain.predict(first, task.labels))
-    assert entry.served == 2
+    strided = torch.stack([task.test[i][0] for i in range(0, len(task.test), 3)])
+    for images in (nudged, strided, first[torch.randperm(EVAL_BS)]):  # no position: never served
+        assert same(images)
+    assert same(first[:7], batch_index=0) and same(first[:7], batch_index=1)  # not the loader batch's size
+    assert counts() == (1, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # not the state the entry was computed in
+        assert same(first, batch_index=0)
+    assert counts() == (1, 7)
+    assert same(first, batch_index=0) and counts() == (2, 7)
+    p = backbone.model.visual.conv1.weight
+    saved = p.detach().clone()
+    try:
+        with torch.no_grad():
+            p.add_(1e-3)  # the entry is stale: batch 0 of the next pass replaces it
+        assert same(first, batch_index=0) and counts() == (2, 8)
+        assert same(first, batch_index=0) and counts() == (3, 8)
+    finally:
+        with torch.no_grad():
+            p.copy_(saved)
 
 
-def test_small_direct_batches_do_not_fill_the_cache(backbone, scenario, monkeypatch):
+def test_direct_calls_do_not_fill_the_cache(backbone, scenario, monkeypatch):
     cached = make_diki(backbone, scenario, "memory", eval_bs=256)
     learn_all(cached, scenario)
     calls = count_frozen_passes(monkeypatch, backbone)
     task = scenario.tasks[1]
     images = torch.stack([task.test[i][0] for i in range(5)])
-    cached.predict(images, task.labels)
-    assert calls["images"] == 5 and not cached.features.entries()
+    for _ in range(2):
+        cached.predict(EvalBatch(images, task, task.labels))
+    assert calls["images"] == 10 and cached.frozen.report()["batches_served"] == 0
 
 
 def test_disk_cache_serves_gaussians_and_eval_without_frozen_passes(backbone, scenario, monkeypatch, tmp_path):
@@ -287,11 +300,10 @@ def test_fp16_backbone_features_stored_as_fp16_and_served_exactly(scenario):
     cache = FeatureCache()
     rt = Runtime(eval_batch_size=EVAL_BS)
     ds = scenario.tasks[0].test
-    entry = cache.features(bb16, ds, rt, name="leaves", split="test")
-    assert entry.features.dtype == torch.float16
-    loader = rt.loader(ds, EVAL_BS, shuffle=False)
-    for x, _ in loader:
-        assert torch.equal(entry.lookup(x), bb16.features(x).float())
+    features = cache.features(bb16, ds, rt, name="leaves", split="test")
+    assert features.dtype == torch.float16 and len(features) == len(ds)
+    for stored, (x, _) in zip(features.split(EVAL_BS), rt.loader(ds, EVAL_BS, shuffle=False)):
+        assert torch.equal(stored.float(), bb16.features(x).float())
 
 
 # ------------------------------------------------------------------ config
@@ -333,9 +345,9 @@ def test_sharded_evaluation_gets_its_own_block(backbone, scenario, monkeypatch):
     rows = sum(b - a for a, b in blocks)
     assert calls["images"] == rows * (T + 1)  # plain: every stage; cached: its blocks once
     assert all(torch.equal(a, b) for a, b in zip(log_c, log_p))
-    entries = list(cached.features.entries())
-    assert sorted(len(e) for e in entries) == sorted(b - a for a, b in blocks)
-    assert sum(e.served for e in entries) == len(log_c) and sum(e.missed for e in entries) == 0
+    fill = sum(-(-(b - a) // 4) for a, b in blocks)  # this rank's batches of every test set
+    report = cached.frozen.report()
+    assert (report["datasets_encoded"], report["batches_encoded"], report["batches_served"]) == (T, fill, len(log_c) - fill)
 
 
 def test_zeroshot_encodes_each_test_set_once_per_run(backbone, scenario, monkeypatch):

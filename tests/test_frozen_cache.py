@@ -1,4 +1,5 @@
-"""Feature cache of SLCA's frozen-backbone baseline (issue 7; ``clcli.cache.FrozenEvalFeatures.among``).
+"""Feature cache of SLCA's frozen-backbone baseline (``clcli.cache.FrozenEvalFeatures``), and SLCA's
+prediction ignoring the task named by the evaluation context.
 
 References are independent of the cache: the same run with ``method.feature_cache=off`` (every test
 set re-encoded at every stage) and hand-counted numbers of encoded images and batches.
@@ -13,6 +14,7 @@ from hydra.utils import instantiate
 
 from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.engine import Runtime
+from clcli.methods.base import EvalBatch
 from clcli.models.timm_backbone import TimmBackbone
 from conftest import compose, run_tiny
 
@@ -44,14 +46,15 @@ def test_frozen_eval_encodes_each_test_set_once_with_identical_results(tmp_path,
     cached = run_tiny(tmp_path, FROZEN, "memory")
     images_cached = counter.images
 
-    assert cached["accuracy_matrix"] == off["accuracy_matrix"]  # logits: bit-identical in test_among_* below
+    assert cached["accuracy_matrix"] == off["accuracy_matrix"]  # logits: bit-identical in test_cache_* below
     # Without the cache, stage t re-encodes the test sets of tasks 0..t-1: that is all it saves.
     repeats = sum(sum(TASK_SIZES[:t]) for t in range(len(TASK_SIZES)))
     assert images_off - images_cached == repeats == 72
     report = cached["method_summary"]["feature_cache"]
     batches = [math.ceil(n / EVAL_BS) for n in TASK_SIZES]
+    # stage t encodes task t's test set (3 batches) and serves tasks 0..t-1 from the cache
     assert report == {"mode": "memory", "feature": "forward", "datasets_encoded": 3, "disk_reads": 0,
-                      "batches_served": sum(sum(batches[: t + 1]) for t in range(3)), "batches_encoded": 0}
+                      "batches_served": sum(sum(batches[:t]) for t in range(3)), "batches_encoded": sum(batches)}
     assert "feature_cache" not in off["method_summary"]
 
 
@@ -84,33 +87,57 @@ def scenario():
     return instantiate(cfg.data).build(tiny_backbone())
 
 
+def loader_batches(task, rt):
+    """``task``'s test set as engine.evaluate presents it: loader batches named by their position."""
+    return [(j, x) for j, (x, _) in enumerate(rt.loader(task.test, rt.eval_batch_size, shuffle=False))]
+
+
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_among_finds_the_test_set_by_hashes_and_encodes_anything_else(scenario, amp):
+def test_cache_serves_batches_named_by_test_set_and_position(scenario, amp):
     """Logits through a head (as SLCA.predict computes them) are bit-identical with and without the
     cache, also under autocast, where the cache holds the bf16 features as float32."""
     backbone = tiny_backbone()
     head = torch.nn.Linear(backbone.feature_dim, 4)
     rt = Runtime(eval_batch_size=EVAL_BS, amp_dtype=amp)
     frozen = FrozenEvalFeatures(FeatureCache("memory"), backbone, rt, feature="forward")
-    frozen.tasks = list(scenario.tasks)
-    seen = range(0, scenario.tasks[1].labels.stop)  # after task 1: tasks 0 and 1 are candidates
-    batches = [torch.stack([t.test[i][0] for i in range(s, min(s + EVAL_BS, len(t.test)))])
-               for t in scenario.tasks[:2] for s in range(0, len(t.test), EVAL_BS)]
-    x2 = torch.stack([scenario.tasks[2].test[i][0] for i in range(EVAL_BS)])
-    flipped = batches[0].flip(0)
+    seen = range(0, scenario.tasks[1].labels.stop)  # after task 1: tasks 0 and 1 are evaluated
     with torch.inference_mode(), rt.autocast():
-        for x in batches:
-            assert torch.equal(head(frozen.among(x, seen)), head(backbone(x)))
-        assert frozen.cache.counts["computed"] == 2  # both candidate test sets, once each
-        # task 2 is not a candidate yet; its batch and a reordered batch are encoded, not served
-        for x in (x2, flipped):
-            assert torch.equal(head(frozen.among(x, seen)), head(backbone(x)))
-    if amp is not None:  # outside autocast: not the context the entries were computed in, so encoded
+        for _ in range(2):  # the first pass encodes, the second is served
+            for task in scenario.tasks[:2]:
+                for j, x in loader_batches(task, rt):
+                    assert torch.equal(head(frozen(EvalBatch(x, task, seen, j))), head(backbone(x)))
+        assert frozen.cache.counts["computed"] == 2  # both test sets, once each
+    x0 = loader_batches(scenario.tasks[0], rt)[0][1]
+    if amp is not None:  # outside autocast: not the state the entries were computed in, so encoded
         with torch.inference_mode():
-            assert torch.equal(frozen.among(batches[0], seen), backbone(batches[0]))
+            assert torch.equal(frozen(EvalBatch(x0, scenario.tasks[0], seen, 0)), backbone(x0))
     report = frozen.report()
     assert (report["batches_served"], report["batches_encoded"], report["datasets_encoded"]) == \
-        (6, 2 + (amp is not None), 2)
+        (6, 6 + (amp is not None), 2)
+
+
+def test_slca_logits_do_not_depend_on_the_task_in_the_context(scenario):
+    """Class-incremental prediction scores all seen classes from the image alone: the same batch
+    named as coming from any task (no loader position, so no cache) gives the same logits, equal to
+    the heads on the backbone's features; the frozen method's cached logits equal them too."""
+    seen = range(0, scenario.tasks[-1].labels.stop)
+    task = scenario.tasks[1]
+    for method_name in ("slow_learner", "frozen"):
+        cfg = compose(["data=synthetic", "backbone=tiny_vit", f"method={method_name}"])
+        rt = Runtime(eval_batch_size=EVAL_BS)
+        method = instantiate(cfg.method, _partial_=True)(backbone=tiny_backbone(), optim=cfg.optim, runtime=rt)
+        torch.manual_seed(1)
+        for t in scenario.tasks:
+            method.begin_task(t)  # random heads for every task
+        with torch.inference_mode():
+            for j, x in loader_batches(task, rt):
+                reference = method.heads(method.backbone(x))[:, seen.start : seen.stop]
+                for named in scenario.tasks:
+                    assert torch.equal(method.predict(EvalBatch(x, named, seen, after=2)), reference)
+                for _ in range(2):  # truthful context: the first call fills the cache, the second is served
+                    assert torch.equal(method.predict(EvalBatch(x, task, seen, j, after=2)), reference)
+        if method_name == "frozen":
+            assert method.frozen.report()["batches_served"] == len(loader_batches(task, rt))
 
 
 def test_key_depends_on_train_mode_and_feature(scenario):
@@ -118,18 +145,16 @@ def test_key_depends_on_train_mode_and_feature(scenario):
     cache = FeatureCache("memory")
     task = scenario.tasks[0]
 
-    def key(feature="forward"):
-        return cache.key(backbone, task.test, name=task.name, split="test", device=torch.device("cpu"),
-                         amp_dtype=None, batch_size=EVAL_BS, feature=feature)
+    def key(feature="forward", channels_last=False):
+        rt = Runtime(eval_batch_size=EVAL_BS, channels_last=channels_last)
+        return cache.key(backbone, task.test, rt, name=task.name, split="test", feature=feature)
 
     k_eval = key()
     backbone.train()
     assert FeatureCache.digest(key()) != FeatureCache.digest(k_eval)
     backbone.eval()
     assert key() == k_eval
-    channels_last = cache.key(backbone, task.test, name=task.name, split="test", device=torch.device("cpu"),
-                              amp_dtype=None, batch_size=EVAL_BS, feature="forward", channels_last=True)
-    assert FeatureCache.digest(channels_last) != FeatureCache.digest(k_eval)
+    assert FeatureCache.digest(key(channels_last=True)) != FeatureCache.digest(k_eval)
     backbone.model.compile()  # perf.compile: other kernels, another key (nothing runs here)
     assert key()["backbone"]["compiled"] and not k_eval["backbone"]["compiled"]
     assert FeatureCache.digest(key("features")) != FeatureCache.digest(k_eval)

@@ -1,6 +1,7 @@
 """MTIL dataset sources (spec diki_mtil.md §1): tiny fake on-disk layouts, no downloads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -47,7 +48,7 @@ def test_caltech101_renames_ignored_and_label_order(tmp_path):
         "val": [("airplanes/image_0002.jpg", 2, "airplanes")],
         "test": [("Faces/image_0002.jpg", 5, "Faces"), ("water_lilly/image_0002.jpg", 9, "water_lilly")],
     })
-    src = mtil.Caltech101Source(root)
+    src = mtil.MTILSource("caltech101", root)
     assert isinstance(src, Source)
     assert src.problems() == []
     assert src.info.class_names == ["airplane", "face", "leopard", "motorbike", "water lilly"]
@@ -72,7 +73,7 @@ def test_eurosat_names(tmp_path):
         "val": [("River/River_2.jpg", 8, "River")],
         "test": [("SeaLake/SeaLake_3.jpg", 9, "Sea or Lake")],
     })
-    src = mtil.EuroSATSource(root)
+    src = mtil.MTILSource("eurosat", root)
     assert src.info.class_names == [
         "Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road", "Industrial Buildings",
         "Pasture Land", "Permanent Crop Land", "Residential Buildings", "River", "Sea or Lake"]
@@ -90,7 +91,7 @@ def test_oxford_pet_lower_cased_breed(tmp_path):
         "val": [("Abyssinian_2.jpg", 0, "abyssinian")],
         "test": [("american_bulldog_11.jpg", 1, "american_bulldog"), ("Bengal_4.jpg", 2, "bengal")],
     })
-    src = mtil.OxfordPetSource(root)
+    src = mtil.MTILSource("oxford_pet", root)
     assert src.info.class_names == ["abyssinian", "american bulldog", "bengal"]
     assert src.info.templates[0] == "a photo of a {c}, a type of pet."
     te = src.load("test")
@@ -108,7 +109,7 @@ def test_cars_year_moved_to_front(tmp_path):
         "val": [("cars_train/00004.jpg", 1, "2012 Tesla Model S Sedan")],
         "test": [("cars_test/00001.jpg", 2, "Ram C/V Cargo Van Minivan 2012")],
     })
-    src = mtil.CarsSource(root)
+    src = mtil.MTILSource("cars", root)
     assert src.problems() == []
     assert src.info.class_names == ["2000 AM General Hummer SUV", "2012 Tesla Model S Sedan",
                                     "2012 Ram C/V Cargo Van Minivan"]
@@ -128,7 +129,7 @@ def test_sun397_path_parts_reversed(tmp_path):
         "val": [("b/bakery/shop/sun_e.jpg", 2, "shop bakery")],
         "test": [("a/apse/indoor/sun_f.jpg", 3, "indoor apse")],
     })
-    src = mtil.SUN397Source(root)
+    src = mtil.MTILSource("sun397", root)
     assert src.info.class_names == ["abbey", "airport terminal", "shop bakery", "indoor apse"]
     assert src.load("val").labels.tolist() == [2]
     assert src.load("test").items == [str(root / "SUN397" / "a" / "apse" / "indoor" / "sun_f.jpg")]
@@ -137,21 +138,21 @@ def test_sun397_path_parts_reversed(tmp_path):
 
 def test_dtd_food_flowers_read_their_split_files(tmp_path):
     cases = [
-        (mtil.DTDSource, "dtd", "split_zhou_DescribableTextures.json", "images",
+        ("dtd", "dtd", "split_zhou_DescribableTextures.json", "images",
          [("banded/banded_0001.jpg", 0, "banded"), ("zigzagged/z_1.jpg", 1, "zigzagged")],
          ["banded", "zigzagged"], "a photo of a {c} texture."),
-        (mtil.FoodSource, "food-101", "split_zhou_Food101.json", "images",
+        ("food", "food-101", "split_zhou_Food101.json", "images",
          [("apple_pie/1.jpg", 0, "apple_pie"), ("waffles/2.jpg", 1, "waffles")],
          ["apple pie", "waffles"], "a photo of a {c}, a type of food."),
-        (mtil.FlowersSource, "oxford_flowers", "split_zhou_OxfordFlowers.json", "jpg",
+        ("flowers", "oxford_flowers", "split_zhou_OxfordFlowers.json", "jpg",
          [("image_00001.jpg", 0, "pink primrose"), ("image_00002.jpg", 1, "hard-leaved pocket orchid")],
          ["pink primrose", "hard-leaved pocket orchid"], "a photo of a {c}, a type of flower."),
     ]
-    for cls, folder, split_file, image_dir, rows, names, template in cases:
+    for name, folder, split_file, image_dir, rows, names, template in cases:
         root = tmp_path / folder
         _coop(root, split_file, image_dir, {"train": rows, "val": rows[:1], "test": rows[1:]})
-        src = cls(root)
-        assert src.problems() == [], cls
+        src = mtil.MTILSource(name, root)
+        assert src.problems() == [], name
         assert src.info.class_names == names
         assert src.info.templates[0] == template
         assert src.load("train").labels.tolist() == [0, 1]
@@ -178,7 +179,7 @@ def test_aircraft_official_lists(tmp_path):
         "val": [("0062765", "Cessna 172")],
         "test": [("1514522", "707-320"), ("0065566", "A300B4")],
     }, variants)
-    src = mtil.AircraftSource(root)
+    src = mtil.MTILSource("aircraft", root)
     assert src.problems() == []
     assert src.info.class_names == variants  # variants.txt order
     assert src.info.num_classes == 3
@@ -193,14 +194,14 @@ def test_aircraft_official_lists(tmp_path):
     flat = tmp_path / "flat"
     _write_aircraft(flat, {"train": [("1", "707-320")], "val": [("2", "707-320")], "test": [("3", "707-320")]},
                     ["707-320"])
-    assert mtil.AircraftSource(flat).load("test").items == [str(flat / "images" / "3.jpg")]
+    assert mtil.MTILSource("aircraft", flat).load("test").items == [str(flat / "images" / "3.jpg")]
 
 
 def test_problems_on_empty_dirs_name_path_and_layout(tmp_path):
-    for name, cls in mtil.MTIL_SOURCES.items():
+    for name in mtil.MTIL_DATASETS:
         root = tmp_path / name
         root.mkdir()
-        src = cls(root, download=False) if name in ("cifar100", "mnist") else cls(root)
+        src = mtil.MTILSource(name, root, download=False)
         probs = src.problems()
         assert probs, name
         text = "\n".join(probs)
@@ -210,17 +211,17 @@ def test_problems_on_empty_dirs_name_path_and_layout(tmp_path):
         with pytest.raises(KeyError):
             src.load("bogus")
         assert src.info.num_classes > 0 and src.info.templates  # static info without data
-    cal = mtil.Caltech101Source(tmp_path / "caltech101").problems()
+    cal = mtil.MTILSource("caltech101", tmp_path / "caltech101").problems()
     assert any(str(tmp_path / "caltech101" / "101_ObjectCategories") in p for p in cal)
     assert any(str(tmp_path / "caltech101" / "split_zhou_Caltech101.json") in p for p in cal)
     assert any("CoOp" in p and "DATASETS.md" in p for p in cal)
-    air = mtil.AircraftSource(tmp_path / "aircraft").problems()
+    air = mtil.MTILSource("aircraft", tmp_path / "aircraft").problems()
     assert any(str(tmp_path / "aircraft" / "fgvc-aircraft-2013b" / "data" / "variants.txt") in p for p in air)
     assert any("FGVCAircraft" in p for p in air)
-    missing = mtil.Caltech101Source(tmp_path / "nowhere").problems()
+    missing = mtil.MTILSource("caltech101", tmp_path / "nowhere").problems()
     assert len(missing) == 1 and str(tmp_path / "nowhere") in missing[0] and "101_ObjectCategories" in missing[0]
     # CIFAR/MNIST with download=True: nothing to report until load() downloads
-    assert mtil.CIFAR100Source(tmp_path / "c", download=True).problems() == []
+    assert mtil.MTILSource("cifar100", tmp_path / "c", download=True).problems() == []
 
 
 def test_static_info_and_templates():
@@ -230,10 +231,10 @@ def test_static_info_and_templates():
         src = mtil.make_mtil_source(name, "/nonexistent-data-dir", download=False)
         assert src.info.name == name and src.info.num_classes == n
         assert "{c}" in src.info.templates[0]
-    cifar = mtil.CIFAR100Source("/nonexistent", download=False).info
+    cifar = mtil.MTILSource("cifar100", "/nonexistent", download=False).info
     assert cifar.class_names[:2] == ["apple", "aquarium fish"] and "sweet pepper" in cifar.class_names
     assert len(cifar.class_names) == 100
-    mnist = mtil.MNISTSource("/nonexistent", download=False).info
+    mnist = mtil.MTILSource("mnist", "/nonexistent", download=False).info
     assert mnist.class_names[0] == "0 - zero" and mnist.class_names[9] == "9 - nine"
     assert mnist.templates[0] == 'a photo of the number: "{c}".'
     assert mtil.make_mtil_source("food", "/d").root == os.path.abspath("/d/food-101")
@@ -245,7 +246,7 @@ def test_static_info_and_templates():
 
 
 def test_orders():
-    assert set(mtil.MTIL_SOURCES) == set(mtil.MTIL_ORDER_I) == set(mtil.MTIL_DEFAULT_DIRS)
+    assert set(mtil.MTIL_DATASETS) == set(mtil.MTIL_ORDER_I) == set(mtil.MTIL_DEFAULT_DIRS)
     assert len(mtil.MTIL_ORDER_I) == 11
     assert list(mtil.MTIL_ORDER_II) == [mtil.MTIL_ORDER_I[i] for i in [9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2]]
     assert mtil.MTIL_ORDER_II[0] == "cars" and mtil.MTIL_ORDER_II[-1] == "cifar100"
@@ -311,24 +312,27 @@ def test_per_class_train_val_split():
     assert not np.array_equal(va, va4)
 
 
-def test_torchvision_source_split_once(monkeypatch, tmp_path):
+def test_torchvision_source_split_once(tmp_path):
     """CIFAR-style source: train/val from one seeded split of the official train set, disjoint,
     identical on a second source object whatever the global RNG did in between (spec §5.3 fix)."""
     x = np.arange(100 * 3 * 3 * 3, dtype=np.int64).astype(np.uint8).reshape(100, 3, 3, 3)
     x[:, 0, 0, 0] = np.arange(100)  # unique id per image
     y = np.arange(100) % 10
 
-    def fake_official(self, train):
-        return (x, y, list(self.class_names)) if train else (x[:20], y[:20], list(self.class_names))
+    def fake_official(root, train, download):
+        names = list(mtil.CIFAR100_FINE_NAMES)
+        return (x, y, names) if train else (x[:20], y[:20], names)
 
-    monkeypatch.setattr(mtil.CIFAR100Source, "_official", fake_official)
-    a = mtil.CIFAR100Source(tmp_path, split_seed=3)
+    facts = dataclasses.replace(mtil.MTIL_DATASETS["cifar100"], official=fake_official)
+    a = mtil.MTILSource("cifar100", tmp_path, split_seed=3, facts=facts)
     tr, va = a.load("train"), a.load("val")
     assert isinstance(tr.items, np.ndarray) and tr.items.dtype == np.uint8 and tr.items.shape[1:] == (3, 3, 3)
     assert len(tr) == 80 and len(va) == 20
     assert np.bincount(va.labels).tolist() == [2] * 10
     assert not set(tr.items[:, 0, 0, 0].tolist()) & set(va.items[:, 0, 0, 0].tolist())
     random.shuffle(list(range(10)))
-    b = mtil.CIFAR100Source(tmp_path, split_seed=3)
+    b = mtil.MTILSource("cifar100", tmp_path, split_seed=3, facts=facts)
     assert np.array_equal(b.load("val").items, va.items)
+    other = mtil.MTILSource("cifar100", tmp_path, split_seed=4, facts=facts)  # the seed reaches the split
+    assert not np.array_equal(other.load("val").items, va.items)
     assert len(a.load("test")) == 20

@@ -9,6 +9,7 @@ from clcli.data.scenario import build_class_incremental
 from clcli.data.synthetic import SyntheticSource
 from clcli.data.transforms import build_transforms
 from clcli.engine import Runtime
+from clcli.methods.base import EvalBatch
 from clcli.methods.slca import SLCA, ca_mean_scale, logit_norm_loss
 from clcli.models.heads import TaskHeads
 from clcli.models.timm_backbone import TimmBackbone
@@ -90,7 +91,7 @@ def test_alignment_trains_a_copy_and_recall_restores_stage1_heads():
     # predictions use the aligned heads; the next task starts from the stage-1 heads (recall)
     x = torch.stack([t1.test[i][0] for i in range(3)])
     with torch.no_grad():
-        assert torch.allclose(m.predict(x, range(0, 4)), m.aligned(m.backbone(x)))
+        assert torch.allclose(m.predict(EvalBatch(x, t1, range(0, 4))), m.aligned(m.backbone(x)))
     from clcli.data.scenario import Task
     m.begin_task(Task(2, "t2", range(4, 6), [0, 1], ["a", "b"], t0.train, t0.train_plain, t0.test))
     assert m.aligned is None

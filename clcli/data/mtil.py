@@ -1,51 +1,54 @@
-"""The eleven MTIL datasets as :class:`~clcli.data.base.Source` objects, the MTIL orders and few-shot.
+"""The eleven MTIL datasets as a table of facts (:data:`MTIL_DATASETS`) read by one generic
+:class:`MTILSource`, the MTIL orders, and few-shot sampling.
 
 MTIL (Multi-domain Task-Incremental Learning, introduced by ZSCL) trains a CLIP model on eleven image
 datasets one after the other. This module follows the protocol of **DIKI** ("Mind the Interference:
 Retaining Pre-trained Knowledge in Parameter Efficient Continual Learning of Vision-Language Models",
-ECCV 2024, arXiv 2407.05342) as written down in ``specs/diki_mtil.md`` section 1:
+ECCV 2024, arXiv 2407.05342):
 
-* **Splits (spec §1.2).** DIKI uses the **CoOp** splits (Zhou et al., "Learning to Prompt for
-  Vision-Language Models"): a ``split_zhou_<Name>.json`` file per dataset with keys ``"train"``,
-  ``"val"`` and ``"test"``, each a list of ``[relative_image_path, label_int, classname]``. Exceptions:
+* **Splits.** DIKI uses the **CoOp** splits (Zhou et al., "Learning to Prompt for Vision-Language
+  Models"): a ``split_zhou_<Name>.json`` file per dataset with keys ``"train"``, ``"val"`` and
+  ``"test"``, each a list of ``[relative_image_path, label_int, classname]``. Exceptions:
   FGVC-Aircraft uses the official ``images_variant_{train,val,test}.txt`` lists, and CIFAR100 / MNIST
   use the official test set plus an 80/20 per-class split of the official training set.
-* **Validation split of CIFAR100 / MNIST (spec §5.3, §8 item 6).** The reference re-shuffles these with
-  the global ``random`` state on every construction, so its val set overlaps its train set. Here the
-  split is drawn once, from a dedicated ``random.Random(split_seed)`` (:func:`per_class_train_val_split`),
-  and is identical however often and in whatever order the source is loaded — a documented deviation.
-* **Class names (spec §1.3)** follow CoOp's conventions (Caltech renames, EuroSAT long names, Cars with
-  the year in front, SUN397 path parts reversed, lower-cased pet breeds, ...). Label ids are the sorted
-  labels of the train split (CoOp's ``get_lab2cname``). Names are stored *prompt-ready*: DIKI replaces
-  ``_`` by a space after filling the template (``DIKI.py:101``); we do it once, here, so
-  ``template.format(c=name)`` is the exact prompt.
-* **Templates (spec §1.3).** DIKI uses only each dataset's *first* template (single template, no
-  ensemble); ``SourceInfo.templates[0]`` is that template, with a ``{c}`` placeholder.
-* **Orders (spec §1.1).** :data:`MTIL_ORDER_I`, :data:`MTIL_ORDER_II` (order I permuted by
+* **Validation split of CIFAR100 / MNIST.** The reference re-shuffles these with the global ``random``
+  state on every construction, so its val set overlaps its train set. Here the split is drawn once,
+  from a dedicated ``random.Random(split_seed)`` (:func:`per_class_train_val_split`), and is identical
+  however often and in whatever order the source is loaded — a documented deviation.
+* **Class names** follow CoOp's conventions (Caltech renames, EuroSAT long names, Cars with the year in
+  front, SUN397 path parts reversed, lower-cased pet breeds, ...). Label ids are the sorted labels of
+  the train split (CoOp's ``get_lab2cname``). Names are stored *prompt-ready*: DIKI replaces ``_`` by a
+  space after filling the template; we do it once, here, so ``template.format(c=name)`` is the prompt.
+* **Templates.** DIKI uses only each dataset's *first* template (no ensemble): ``SourceInfo.templates[0]``.
+* **Orders.** :data:`MTIL_ORDER_I`, :data:`MTIL_ORDER_II` (order I permuted by
   :data:`MTIL_ORDER_II_PERMUTATION`), :data:`MTIL_FEWSHOT_DATASETS` (MTIL-FS, 8 datasets).
-* **Few-shot (spec §1.5).** :func:`few_shot` draws ``shots`` items per label with a dedicated seeded RNG
-  (the reference uses the global ``random`` and, for CIFAR100 / MNIST, re-draws per construction).
+* **Few-shot.** :func:`few_shot` draws ``shots`` items per label with a dedicated seeded RNG (the
+  reference uses the global ``random`` and, for CIFAR100 / MNIST, re-draws per construction).
 
-Nothing here downloads anything except the torchvision CIFAR100 / MNIST sources when ``download=True``.
-``problems()`` only stats paths; ``load()`` reads split files (never decodes images: items are absolute
-path strings, or uint8 arrays for CIFAR100 / MNIST). ``load()`` reports a missing, unreadable or
-malformed dataset as :class:`MissingDatasetError` (a :class:`clcli.errors.DataError`, which the CLI
-prints as a clean message, that is also a ``FileNotFoundError`` for callers written against the old
-behaviour).
+The datasets differ in data, not behaviour, so each is a row of :data:`MTIL_DATASETS`
+(:class:`MTILDataset`: folder, split file, naming rule, template, class count, expected layout, where
+to get it); its ``listing`` picks one of three readers: ``coop`` (split json), ``aircraft`` (variant
+lists) or ``torchvision`` (official CIFAR100 / MNIST files, which torchvision may download).
 
-Canonical config names (:data:`MTIL_SOURCES`): ``aircraft, caltech101, cifar100, dtd, eurosat, flowers,
-food, mnist, oxford_pet, cars, sun397``. :func:`make_mtil_source` builds one from a data directory using
+Nothing here downloads anything except the torchvision sources when ``download=True``. ``problems()``
+only stats paths; ``load()`` reads split files (never decodes images: items are absolute path
+strings, or uint8 arrays for CIFAR100 / MNIST) and reports a missing, unreadable or malformed dataset
+as :class:`MissingDatasetError` (a :class:`clcli.errors.DataError`, which the CLI prints as a clean
+message, that is also a ``FileNotFoundError``).
+
+Config names: ``aircraft, caltech101, cifar100, dtd, eurosat, flowers, food, mnist, oxford_pet,
+cars, sun397``; :func:`make_mtil_source` builds one from a data directory using
 :data:`MTIL_DEFAULT_DIRS` (CoOp's folder names).
 """
 from __future__ import annotations
 
-import abc
 import json
 import logging
 import os
 import random
 import re
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -72,7 +75,7 @@ def prompt_name(name: str) -> str:
 def per_class_train_val_split(
     labels: Sequence[int] | np.ndarray, val_fraction: float = 0.2, seed: int = 42
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices ``0..len(labels)-1`` into (train, val), stratified by label (spec §1.2, §5.3).
+    """Split indices ``0..len(labels)-1`` into (train, val), stratified by label.
 
     For every label (ascending), its indices are shuffled with one dedicated ``random.Random(seed)``
     (never the global ``random`` state) and the first ``round(val_fraction * n)`` go to val, the rest to
@@ -99,12 +102,12 @@ def per_class_train_val_split(
 
 
 def few_shot(split: SplitData, shots: int, seed: int) -> SplitData:
-    """``shots`` items per label, drawn with a dedicated ``random.Random(seed)`` (spec §1.5).
+    """``shots`` items per label, drawn with a dedicated ``random.Random(seed)``.
 
     Labels are visited in ascending order and each draws ``rng.sample(indices_of_label, shots)``; a
     label with ``shots`` items or fewer keeps all of them. The result keeps the original item order.
     Deterministic for a given split and seed and independent of the global ``random`` state (the
-    reference uses the global ``random.sample`` — spec §8 item 6).
+    reference uses the global ``random.sample``).
     """
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
@@ -118,7 +121,7 @@ def few_shot(split: SplitData, shots: int, seed: int) -> SplitData:
 
 
 def fewshot_val_shots(shots: int) -> int:
-    """Shots of the few-shot *validation* split: ``min(shots, 4)`` (spec §1.5)."""
+    """Shots of the few-shot *validation* split: ``min(shots, 4)``."""
     return min(shots, 4)
 
 
@@ -165,198 +168,22 @@ class MissingDatasetError(DataError, FileNotFoundError):
     traceback; also a ``FileNotFoundError``, the type ``load()`` raised before."""
 
 
-def _problem(name: str, what: str, path: str, layout: str, get_it: str) -> str:
-    return f"{name}: {what} {path} is missing. Expected layout: {layout}. Get it: {get_it}"
-
-
-class _SplitFileSource(abc.ABC):
-    """Shared plumbing of the sources whose splits come from files under ``root`` (the CoOp split
-    sources and FGVC-Aircraft): lazily built on first :meth:`load` / :attr:`info`, missing or unreadable
-    files reported as :class:`MissingDatasetError`.
-
-    Subclasses set ``name``, ``display_name``, ``template`` (DIKI's first template),
-    ``expected_classes`` (DIKI's class count), ``layout`` and ``get_it`` (for :meth:`problems`), and
-    implement :meth:`problems` and :meth:`_build` (which fills ``self._info`` and ``self._data``).
-    """
-
-    name = ""
-    display_name = ""
-    template = "a photo of a {c}."
-    expected_classes = 0
-    layout = ""
-    get_it = ""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
-        self._info = SourceInfo(self.name, self.expected_classes, [], [self.template])
-        self._data: dict[str, SplitData] | None = None
-
-    @property
-    def info(self) -> SourceInfo:
-        """Static facts; ``class_names`` / ``num_classes`` come from the split files once they exist
-        (read on first access; before that ``num_classes`` is DIKI's count and the names are empty)."""
-        if self._data is None and not self.problems():
-            self._build_or_raise()
-        return self._info
-
-    @abc.abstractmethod
-    def problems(self) -> list[str]:
-        """What is missing on disk (cheap stat calls), per dataset layout."""
-
-    def load(self, split: str) -> SplitData:
-        if split not in SPLITS:
-            raise KeyError(f"{self.name}: unknown split {split!r} (train, val or test)")
-        if self._data is None:
-            probs = self.problems()
-            if probs:
-                raise MissingDatasetError("\n".join(probs))
-            self._build_or_raise()
-        assert self._data is not None
-        return self._data[split]
-
-    def _build_or_raise(self) -> None:
-        try:
-            self._build()
-        except (OSError, ValueError) as exc:  # unreadable or malformed split/list files
-            raise MissingDatasetError(f"{self.name}: cannot read the split files under {self.root}: {exc}") from exc
-
-    @abc.abstractmethod
-    def _build(self) -> None:
-        """Read the split files into ``self._data`` and ``self._info``."""
-
-
 # ----------------------------------------------------------------------------------------------
-# CoOp-split datasets
+# Naming rules of the CoOp-split datasets: (json class name, relative image path) -> prompt-ready name
 # ----------------------------------------------------------------------------------------------
 
 
-class CoOpSplitSource(_SplitFileSource):
-    """A dataset read from a folder of images plus CoOp's ``split_zhou_<Name>.json`` (spec §1.2).
-
-    Subclasses set: ``name`` (config name), ``display_name``, ``image_dir`` (folder under ``root`` that
-    the json's relative paths start from; ``""`` = ``root`` itself), ``required_dirs`` (folders under
-    ``root`` that must exist), ``split_file``, ``template`` (DIKI's first template),
-    ``expected_classes`` (DIKI's class count), ``layout`` and ``get_it`` (for :meth:`problems`), and
-    may override :meth:`class_name` (spec §1.3 conventions) and :meth:`keep` (entries to ignore).
-    """
-
-    image_dir = ""
-    required_dirs: tuple[str, ...] = ()
-    split_file = ""
-
-    # -- naming conventions (spec §1.3) --------------------------------------------------------
-    def class_name(self, classname: str, relpath: str) -> str:
-        """Prompt-ready class name of one split entry (default: the json's name, ``_`` → space)."""
-        return prompt_name(classname)
-
-    def keep(self, relpath: str, classname: str) -> bool:
-        """Whether a split entry belongs to the dataset (default: all)."""
-        return True
-
-    # -- Source protocol (info, load: see _SplitFileSource) ----------------------------------------
-    @property
-    def split_path(self) -> str:
-        return os.path.join(self.root, self.split_file)
-
-    def problems(self) -> list[str]:
-        if not os.path.isdir(self.root):
-            return [_problem(self.name, "dataset folder", self.root, self.layout, self.get_it)]
-        out = []
-        for d in self.required_dirs:
-            p = os.path.join(self.root, d)
-            if not os.path.isdir(p):
-                out.append(_problem(self.name, "image folder", p, self.layout, self.get_it))
-        if not os.path.isfile(self.split_path):
-            out.append(
-                _problem(self.name, "CoOp split file", self.split_path, self.layout,
-                         f"download {self.split_file} from the links in CoOp's DATASETS.md "
-                         f"({COOP_DATASETS_MD}) and put it in {self.root}")
-            )
-        return out
-
-    # -- internals -------------------------------------------------------------------------------
-    def _build(self) -> None:
-        raw = read_coop_split(self.split_path)
-        rows = {
-            s: [(rel, lab, self.class_name(c, rel)) for rel, lab, c in raw[s] if self.keep(rel, c)]
-            for s in SPLITS
-        }
-        mapping, names = _index_labels(rows, self.split_path)
-        base = os.path.join(self.root, self.image_dir) if self.image_dir else self.root
-        data = {}
-        for s in SPLITS:
-            items = [os.path.normpath(os.path.join(base, rel)) for rel, _, _ in rows[s]]
-            labels = np.array([mapping[lab] for _, lab, _ in rows[s]], dtype=np.int64)
-            data[s] = SplitData(items, labels)
-        class_names = [names[lab] for lab in sorted(mapping)]
-        if self.expected_classes and len(class_names) != self.expected_classes:
-            log.warning("%s: %d classes in %s, DIKI's protocol has %d", self.name, len(class_names),
-                        self.split_path, self.expected_classes)
-        self._info = SourceInfo(self.name, len(class_names), class_names, [self.template])
-        self._data = data
+def coop_name(classname: str, relpath: str) -> str:
+    """The split file's name, ``_`` → space (DTD, Flowers, Food)."""
+    return prompt_name(classname)
 
 
-CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")
 CALTECH_RENAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 
 
-class Caltech101Source(CoOpSplitSource):
-    """Caltech101 with CoOp's split: **100 classes** (spec §1.2–1.3; ZSCL has 101).
-
-    Layout (``root`` = e.g. ``<data_dir>/caltech-101``)::
-
-        root/101_ObjectCategories/<category>/image_0001.jpg
-        root/split_zhou_Caltech101.json      # paths relative to 101_ObjectCategories/
-
-    ``BACKGROUND_Google`` and ``Faces_easy`` are ignored; ``airplanes→airplane``, ``Faces→face``,
-    ``Leopards→leopard``, ``Motorbikes→motorbike`` (CoOp's json already carries these names; the
-    renames are applied again so raw folder names work too). Template: ``a photo of a {c}.``
-    """
-
-    name = "caltech101"
-    display_name = "Caltech101"
-    image_dir = "101_ObjectCategories"
-    required_dirs = ("101_ObjectCategories",)
-    split_file = "split_zhou_Caltech101.json"
-    template = "a photo of a {c}."
-    expected_classes = 100
-    layout = ("<root>/101_ObjectCategories/<category>/*.jpg and <root>/split_zhou_Caltech101.json "
-              "(CoOp format, paths relative to 101_ObjectCategories/)")
-    get_it = ("101_ObjectCategories from the official Caltech101 page (https://data.caltech.edu/records/"
-              "mzrjq-6wc02) or torchvision.datasets.Caltech101(<dir>, download=True), which creates "
-              f"<dir>/caltech101/101_ObjectCategories; split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
-
-    def keep(self, relpath: str, classname: str) -> bool:
-        folder = relpath.replace("\\", "/").split("/")[0]
-        return folder not in CALTECH_IGNORED and classname not in CALTECH_IGNORED
-
-    def class_name(self, classname: str, relpath: str) -> str:
-        return prompt_name(CALTECH_RENAMES.get(classname, classname))
-
-
-class DTDSource(CoOpSplitSource):
-    """Describable Textures (DTD), 47 classes, CoOp split (spec §1.2).
-
-    Layout (``root`` = e.g. ``<data_dir>/dtd``)::
-
-        root/images/<texture>/<texture>_0001.jpg
-        root/split_zhou_DescribableTextures.json   # paths relative to images/
-
-    Template: ``a photo of a {c} texture.``
-    """
-
-    name = "dtd"
-    display_name = "DTD"
-    image_dir = "images"
-    required_dirs = ("images",)
-    split_file = "split_zhou_DescribableTextures.json"
-    template = "a photo of a {c} texture."
-    expected_classes = 47
-    layout = ("<root>/images/<texture>/*.jpg and <root>/split_zhou_DescribableTextures.json "
-              "(CoOp format, paths relative to images/)")
-    get_it = ("dtd-r1.0.1.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/dtd/ (its dtd/ folder is the "
-              "root), or torchvision.datasets.DTD(<dir>, download=True), which creates <dir>/dtd/dtd/images; "
-              f"split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
+def caltech_name(classname: str, relpath: str) -> str:
+    """CoOp's renames, applied again so that raw folder names work too."""
+    return prompt_name(CALTECH_RENAMES.get(classname, classname))
 
 
 EUROSAT_NAMES = {
@@ -373,131 +200,23 @@ EUROSAT_NAMES = {
 }
 
 
-class EuroSATSource(CoOpSplitSource):
-    """EuroSAT (RGB), 10 classes with CoOp's names (spec §1.3), CoOp split.
-
-    Layout (``root`` = e.g. ``<data_dir>/eurosat``)::
-
-        root/2750/<Class>/<Class>_1.jpg     # AnnualCrop, Forest, ..., SeaLake
-        root/split_zhou_EuroSAT.json       # paths relative to 2750/
-
-    Names: Annual Crop Land, Forest, Herbaceous Vegetation Land, Highway or Road, Industrial Buildings,
-    Pasture Land, Permanent Crop Land, Residential Buildings, River, Sea or Lake (raw folder names are
-    mapped to these). Template: ``a centered satellite photo of {c}.``
-    """
-
-    name = "eurosat"
-    display_name = "EuroSAT"
-    image_dir = "2750"
-    required_dirs = ("2750",)
-    split_file = "split_zhou_EuroSAT.json"
-    template = "a centered satellite photo of {c}."
-    expected_classes = 10
-    layout = ("<root>/2750/<Class>/*.jpg and <root>/split_zhou_EuroSAT.json "
-              "(CoOp format, paths relative to 2750/)")
-    get_it = ("EuroSAT.zip (RGB) from https://github.com/phelber/EuroSAT, or "
-              "torchvision.datasets.EuroSAT(<dir>, download=True), which creates <dir>/eurosat/2750; "
-              f"split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        super().__init__(root)
-        self._info.class_names = list(EUROSAT_NAMES.values())
-
-    def class_name(self, classname: str, relpath: str) -> str:
-        return prompt_name(EUROSAT_NAMES.get(classname, classname))
+def eurosat_name(classname: str, relpath: str) -> str:
+    """CoOp's long names (the json already carries them; raw folder names are mapped)."""
+    return prompt_name(EUROSAT_NAMES.get(classname, classname))
 
 
-class FlowersSource(CoOpSplitSource):
-    """Oxford Flowers102, 102 classes, CoOp split (spec §1.2).
-
-    Layout (``root`` = e.g. ``<data_dir>/oxford_flowers``)::
-
-        root/jpg/image_00001.jpg
-        root/split_zhou_OxfordFlowers.json   # paths relative to jpg/
-        root/cat_to_name.json, root/imagelabels.mat   # used by CoOp to build the split; optional here
-
-    Class names are those of the split file, which CoOp took from ``cat_to_name.json`` (spec §1.3).
-    Template: ``a photo of a {c}, a type of flower.``
-    """
-
-    name = "flowers"
-    display_name = "Flowers102"
-    image_dir = "jpg"
-    required_dirs = ("jpg",)
-    split_file = "split_zhou_OxfordFlowers.json"
-    template = "a photo of a {c}, a type of flower."
-    expected_classes = 102
-    layout = ("<root>/jpg/image_*.jpg and <root>/split_zhou_OxfordFlowers.json "
-              "(CoOp format, paths relative to jpg/; names from cat_to_name.json)")
-    get_it = ("102flowers.tgz from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/, or "
-              "torchvision.datasets.Flowers102(<dir>, download=True), which creates <dir>/flowers-102/jpg; "
-              f"split file and cat_to_name.json via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
-
-
-class FoodSource(CoOpSplitSource):
-    """Food-101, 101 classes, CoOp split (spec §1.2).
-
-    Layout (``root`` = e.g. ``<data_dir>/food-101``)::
-
-        root/images/<dish>/<id>.jpg
-        root/split_zhou_Food101.json   # paths relative to images/
-
-    Template: ``a photo of a {c}, a type of food.``
-    """
-
-    name = "food"
-    display_name = "Food101"
-    image_dir = "images"
-    required_dirs = ("images",)
-    split_file = "split_zhou_Food101.json"
-    template = "a photo of a {c}, a type of food."
-    expected_classes = 101
-    layout = ("<root>/images/<dish>/*.jpg and <root>/split_zhou_Food101.json "
-              "(CoOp format, paths relative to images/)")
-    get_it = ("food-101.tar.gz from https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/, or "
-              "torchvision.datasets.Food101(<dir>, download=True), which creates <dir>/food-101/images; "
-              f"split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
-
-
-class OxfordPetSource(CoOpSplitSource):
-    """Oxford-IIIT Pet, 37 breeds, CoOp split (spec §1.2).
-
-    Layout (``root`` = e.g. ``<data_dir>/oxford_pets``)::
-
-        root/images/Abyssinian_1.jpg
-        root/split_zhou_OxfordPets.json   # paths relative to images/
-        root/annotations/                 # used by CoOp to build the split; optional here
-
-    Class name = the lower-cased breed (the file name without its ``_<n>`` suffix, spec §1.3): the json's
-    name, lower-cased, or the file name's breed when the json has none. Template:
-    ``a photo of a {c}, a type of pet.``
-    """
-
-    name = "oxford_pet"
-    display_name = "OxfordPet"
-    image_dir = "images"
-    required_dirs = ("images",)
-    split_file = "split_zhou_OxfordPets.json"
-    template = "a photo of a {c}, a type of pet."
-    expected_classes = 37
-    layout = ("<root>/images/<Breed>_<n>.jpg and <root>/split_zhou_OxfordPets.json "
-              "(CoOp format, paths relative to images/)")
-    get_it = ("images.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/, or "
-              "torchvision.datasets.OxfordIIITPet(<dir>, download=True), which creates "
-              f"<dir>/oxford-iiit-pet/images; split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
-
-    def class_name(self, classname: str, relpath: str) -> str:
-        if not classname:
-            stem = os.path.splitext(os.path.basename(relpath))[0]
-            classname = stem.rsplit("_", 1)[0]
-        return prompt_name(classname.lower())
+def pet_name(classname: str, relpath: str) -> str:
+    """The lower-cased breed: the json's name, or the file name without its ``_<n>`` suffix."""
+    if not classname:
+        classname = os.path.splitext(os.path.basename(relpath))[0].rsplit("_", 1)[0]
+    return prompt_name(classname.lower())
 
 
 _YEAR = re.compile(r"^(19|20)\d\d$")
 
 
 def cars_year_first(name: str) -> str:
-    """``Tesla Model S Sedan 2012`` → ``2012 Tesla Model S Sedan`` (CoOp's StanfordCars names, spec §1.3);
+    """``Tesla Model S Sedan 2012`` → ``2012 Tesla Model S Sedan`` (CoOp's StanfordCars names);
     a name that already starts with a year is unchanged."""
     parts = name.split()
     if len(parts) >= 2 and _YEAR.match(parts[-1]) and not _YEAR.match(parts[0]):
@@ -505,153 +224,23 @@ def cars_year_first(name: str) -> str:
     return " ".join(parts)
 
 
-class CarsSource(CoOpSplitSource):
-    """Stanford Cars, 196 classes, CoOp split (spec §1.2).
-
-    Layout (``root`` = e.g. ``<data_dir>/stanford_cars``)::
-
-        root/cars_train/00001.jpg
-        root/cars_test/00001.jpg
-        root/split_zhou_StanfordCars.json   # paths relative to root (``cars_train/00001.jpg``)
-        root/devkit/, root/cars_test_annos_withlabels.mat   # used by CoOp to build the split; optional
-
-    Class name = make/model with the **year moved to the front** (``2012 Tesla Model S Sedan``, spec
-    §1.3). Template: ``a photo of a {c}, a type of car.``
-    """
-
-    name = "cars"
-    display_name = "StanfordCars"
-    image_dir = ""
-    required_dirs = ("cars_train", "cars_test")
-    split_file = "split_zhou_StanfordCars.json"
-    template = "a photo of a {c}, a type of car."
-    expected_classes = 196
-    layout = ("<root>/cars_train/*.jpg, <root>/cars_test/*.jpg and <root>/split_zhou_StanfordCars.json "
-              "(CoOp format, paths relative to <root>, e.g. cars_train/00001.jpg)")
-    get_it = ("the Stanford Cars images (cars_train.tgz, cars_test.tgz; the official page is offline — see "
-              "CoOp's DATASETS.md or torchvision.datasets.StanfordCars' notes for mirrors, which give "
-              f"<dir>/stanford_cars/cars_train); split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
-
-    def class_name(self, classname: str, relpath: str) -> str:
-        return prompt_name(cars_year_first(classname))
+def cars_name(classname: str, relpath: str) -> str:
+    return prompt_name(cars_year_first(classname))
 
 
 def sun397_name_from_path(relpath: str) -> str:
     """``b/bakery/shop/sun_x.jpg`` → ``shop bakery``: the path parts after the letter folder, reversed
-    (CoOp's SUN397 names, spec §1.3)."""
+    (CoOp's SUN397 names)."""
     parts = [p for p in relpath.replace("\\", "/").split("/") if p]
     return prompt_name(" ".join(reversed(parts[1:-1])))
 
 
-class SUN397Source(CoOpSplitSource):
-    """SUN397, 397 scene classes, CoOp split (spec §1.2).
-
-    Layout (``root`` = e.g. ``<data_dir>/sun397``)::
-
-        root/SUN397/<letter>/<scene>[/<sub>]/sun_<id>.jpg
-        root/split_zhou_SUN397.json   # paths relative to SUN397/ (``b/bakery/shop/sun_x.jpg``)
-
-    Class name = the path parts after the letter, reversed, ``_`` → space (``b/bakery/shop`` →
-    ``shop bakery``, ``a/airport_terminal`` → ``airport terminal``; spec §1.3), derived from each
-    image's path. Template: ``a photo of a {c}.``
-    """
-
-    name = "sun397"
-    display_name = "SUN397"
-    image_dir = "SUN397"
-    required_dirs = ("SUN397",)
-    split_file = "split_zhou_SUN397.json"
-    template = "a photo of a {c}."
-    expected_classes = 397
-    layout = ("<root>/SUN397/<letter>/<scene>[/<sub>]/*.jpg and <root>/split_zhou_SUN397.json "
-              "(CoOp format, paths relative to SUN397/)")
-    get_it = ("SUN397.tar.gz from https://vision.princeton.edu/projects/2010/SUN/, or "
-              "torchvision.datasets.SUN397(<dir>, download=True), which creates <dir>/SUN397; "
-              f"split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})")
-
-    def class_name(self, classname: str, relpath: str) -> str:
-        return sun397_name_from_path(relpath) or prompt_name(classname)
+def sun397_name(classname: str, relpath: str) -> str:
+    return sun397_name_from_path(relpath) or prompt_name(classname)
 
 
 # ----------------------------------------------------------------------------------------------
-# FGVC-Aircraft: official variant lists
-# ----------------------------------------------------------------------------------------------
-
-
-class AircraftSource(_SplitFileSource):
-    """FGVC-Aircraft (variant level, 100 classes) with the **official** train / val / test lists
-    (spec §1.2: 3,334 / 3,333 / 3,333), as DIKI does.
-
-    Layout (``root`` = e.g. ``<data_dir>/fgvc_aircraft``)::
-
-        root/fgvc-aircraft-2013b/data/images/<id>.jpg
-        root/fgvc-aircraft-2013b/data/variants.txt               # one variant per line
-        root/fgvc-aircraft-2013b/data/images_variant_{train,val,test}.txt   # "<id> <variant>" per line
-
-    This is what ``torchvision.datasets.FGVCAircraft(root, download=True)`` produces. CoOp's flattened
-    layout (``root/images``, ``root/variants.txt``, ``root/images_variant_*.txt``) is accepted too.
-    Label = index of the variant in ``variants.txt``; class names = the variants in that order (spec
-    §1.3). Template: ``a photo of a {c}, a type of aircraft.``
-    """
-
-    name = "aircraft"
-    display_name = "FGVC-Aircraft"
-    template = "a photo of a {c}, a type of aircraft."
-    expected_classes = 100
-    layout = ("<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, variants.txt, "
-              "images_variant_train.txt, images_variant_val.txt, images_variant_test.txt} "
-              "(or the same files directly under <root>, CoOp's layout)")
-    get_it = ("fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ "
-              "extracted into <root>, or torchvision.datasets.FGVCAircraft(<root>, download=True)")
-
-    @property
-    def data_dir(self) -> str:
-        """``root/fgvc-aircraft-2013b/data`` if it exists, else ``root`` when it holds the CoOp layout."""
-        official = os.path.join(self.root, "fgvc-aircraft-2013b", "data")
-        if not os.path.isdir(official) and os.path.isfile(os.path.join(self.root, "variants.txt")):
-            return self.root
-        return official
-
-    def problems(self) -> list[str]:
-        if not os.path.isdir(self.root):
-            return [_problem(self.name, "dataset folder", self.root, self.layout, self.get_it)]
-        d = self.data_dir
-        out = []
-        if not os.path.isdir(os.path.join(d, "images")):
-            out.append(_problem(self.name, "image folder", os.path.join(d, "images"), self.layout, self.get_it))
-        for f in ["variants.txt"] + [f"images_variant_{s}.txt" for s in SPLITS]:
-            if not os.path.isfile(os.path.join(d, f)):
-                out.append(_problem(self.name, "file", os.path.join(d, f), self.layout, self.get_it))
-        return out
-
-    def _build(self) -> None:
-        d = self.data_dir
-        with open(os.path.join(d, "variants.txt"), encoding="utf-8") as f:
-            variants = [line.strip() for line in f if line.strip()]
-        index = {v: i for i, v in enumerate(variants)}
-        data = {}
-        for s in SPLITS:
-            path = os.path.join(d, f"images_variant_{s}.txt")
-            items, labels = [], []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    line = line.strip()
-                    if not line:
-                        continue
-                    image_id, _, variant = line.partition(" ")
-                    if variant not in index:
-                        raise ValueError(f"{path}:{n}: variant {variant!r} is not in variants.txt")
-                    items.append(os.path.join(d, "images", image_id + ".jpg"))
-                    labels.append(index[variant])
-            data[s] = SplitData(items, np.array(labels, dtype=np.int64))
-        if len(variants) != self.expected_classes:
-            log.warning("%s: %d variants, DIKI's protocol has %d", self.name, len(variants), self.expected_classes)
-        self._info = SourceInfo(self.name, len(variants), [prompt_name(v) for v in variants], [self.template])
-        self._data = data
-
-
-# ----------------------------------------------------------------------------------------------
-# CIFAR100 and MNIST: torchvision files, official test, per-class 80/20 train/val
+# CIFAR100 and MNIST: torchvision's official files
 # ----------------------------------------------------------------------------------------------
 
 CIFAR100_FINE_NAMES = [
@@ -671,158 +260,277 @@ MNIST_NAMES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
                "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
 
 
-class _TorchvisionTrainValSource(abc.ABC):
-    """Official train/test files read through torchvision; val = ``val_fraction`` of every class of the
-    official train split, train = the rest, drawn once with ``random.Random(split_seed)``
-    (:func:`per_class_train_val_split`; spec §1.2 and the §5.3 fix). Items are uint8 arrays."""
+def cifar100_official(root: str, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """CIFAR-100's official train or test split through torchvision: uint8 ``[N, 32, 32, 3]``."""
+    from torchvision.datasets import CIFAR100
 
-    name = ""
-    display_name = ""
-    template = ""
-    class_names: list[str] = []
-    files: tuple[str, ...] = ()  # relative to root, checked by problems() when download=False
-    get_it = ""
+    ds = CIFAR100(root, train=train, download=download)
+    return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
 
-    def __init__(self, root: str | os.PathLike[str], split_seed: int = 42, download: bool = True,
-                 val_fraction: float = 0.2) -> None:
+
+def mnist_official(root: str, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """MNIST's official train or test split through torchvision: uint8 ``[N, 28, 28]`` (grey)."""
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(root, train=train, download=download)
+    return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64), list(MNIST_NAMES)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MTILDataset:
+    """What distinguishes one MTIL dataset. ``listing`` picks the reader: ``coop`` (a CoOp split json,
+    images under ``image_dir``), ``aircraft`` (FGVC-Aircraft's variant lists) or ``torchvision``
+    (``official`` files; val = ``val_fraction`` of every class of the official train split)."""
+
+    folder: str  # default folder under the data directory (CoOp's DATASETS.md names)
+    template: str  # DIKI's first template, with a {c} placeholder
+    num_classes: int  # DIKI's class count (another count in the files is logged)
+    layout: str  # the expected files, reported by problems()
+    get_it: str  # where to get them, reported by problems()
+    listing: str = "coop"
+    split_file: str = ""  # coop: the split json under the root
+    image_dir: str = ""  # coop: folder the json's relative paths start from ("" = the root)
+    required_dirs: tuple[str, ...] = ()  # coop: folders that must exist under the root
+    class_name: Callable[[str, str], str] = coop_name  # coop: naming rule
+    ignored: tuple[str, ...] = ()  # coop: classes (or top folders) that are not part of the dataset
+    class_names: tuple[str, ...] = ()  # names known without reading the files (static info)
+    official: Callable | None = None  # torchvision: (root, train, download) -> (images, labels, names)
+    files: tuple[str, ...] = ()  # torchvision: files under the root, checked when download=False
+
+
+COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+_COOP = f"split file via CoOp's DATASETS.md ({COOP_DATASETS_MD})"
+
+
+def _coop_layout(images: str, split_file: str, relative_to: str) -> str:
+    return f"<root>/{images} and <root>/{split_file} (CoOp format, paths relative to {relative_to})"
+
+
+_MNIST_FILES = tuple(f"MNIST/raw/{f}" for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+_CIFAR_FILES = ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta")
+
+MTIL_DATASETS: dict[str, MTILDataset] = {
+    "aircraft": MTILDataset(  # variant level, official lists 3,334 / 3,333 / 3,333; labels in variants.txt order
+        "fgvc_aircraft", "a photo of a {c}, a type of aircraft.", 100, listing="aircraft",
+        layout="<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, variants.txt, images_variant_train.txt, "
+               "images_variant_val.txt, images_variant_test.txt} (or the same files directly under <root>, "
+               "CoOp's layout)",
+        get_it="fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ extracted "
+               "into <root>, or torchvision.datasets.FGVCAircraft(<root>, download=True)"),
+    "caltech101": MTILDataset(  # CoOp's 100 classes (ZSCL has 101)
+        "caltech-101", "a photo of a {c}.", 100, split_file="split_zhou_Caltech101.json",
+        image_dir="101_ObjectCategories", required_dirs=("101_ObjectCategories",), class_name=caltech_name,
+        ignored=("BACKGROUND_Google", "Faces_easy"),
+        layout=_coop_layout("101_ObjectCategories/<category>/*.jpg", "split_zhou_Caltech101.json",
+                            "101_ObjectCategories/"),
+        get_it="101_ObjectCategories from the official Caltech101 page (https://data.caltech.edu/records/"
+               "mzrjq-6wc02) or torchvision.datasets.Caltech101(<dir>, download=True), which creates "
+               f"<dir>/caltech101/101_ObjectCategories; {_COOP}"),
+    "cifar100": MTILDataset(  # official test 10,000; train / val 40,000 / 10,000
+        "cifar100", "a photo of a {c}.", 100, listing="torchvision", class_names=tuple(CIFAR100_FINE_NAMES),
+        official=cifar100_official, files=_CIFAR_FILES, layout=", ".join(f"<root>/{f}" for f in _CIFAR_FILES),
+        get_it="set data.download=true (torchvision downloads it), or extract cifar-100-python.tar.gz from "
+               "https://www.cs.toronto.edu/~kriz/cifar.html into <root> (torchvision.datasets.CIFAR100)"),
+    "dtd": MTILDataset(
+        "dtd", "a photo of a {c} texture.", 47, split_file="split_zhou_DescribableTextures.json",
+        image_dir="images", required_dirs=("images",),
+        layout=_coop_layout("images/<texture>/*.jpg", "split_zhou_DescribableTextures.json", "images/"),
+        get_it="dtd-r1.0.1.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/dtd/ (its dtd/ folder is the root), "
+               f"or torchvision.datasets.DTD(<dir>, download=True), which creates <dir>/dtd/dtd/images; {_COOP}"),
+    "eurosat": MTILDataset(
+        "eurosat", "a centered satellite photo of {c}.", 10, split_file="split_zhou_EuroSAT.json",
+        image_dir="2750", required_dirs=("2750",), class_name=eurosat_name, class_names=tuple(EUROSAT_NAMES.values()),
+        layout=_coop_layout("2750/<Class>/*.jpg", "split_zhou_EuroSAT.json", "2750/"),
+        get_it="EuroSAT.zip (RGB) from https://github.com/phelber/EuroSAT, or torchvision.datasets.EuroSAT(<dir>, "
+               f"download=True), which creates <dir>/eurosat/2750; {_COOP}"),
+    "flowers": MTILDataset(  # names of the split file, which CoOp took from cat_to_name.json
+        "oxford_flowers", "a photo of a {c}, a type of flower.", 102, split_file="split_zhou_OxfordFlowers.json",
+        image_dir="jpg", required_dirs=("jpg",),
+        layout=_coop_layout("jpg/image_*.jpg", "split_zhou_OxfordFlowers.json", "jpg/; names from cat_to_name.json"),
+        get_it="102flowers.tgz from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/, or "
+               "torchvision.datasets.Flowers102(<dir>, download=True), which creates <dir>/flowers-102/jpg; "
+               f"split file and cat_to_name.json via CoOp's DATASETS.md ({COOP_DATASETS_MD})"),
+    "food": MTILDataset(
+        "food-101", "a photo of a {c}, a type of food.", 101, split_file="split_zhou_Food101.json",
+        image_dir="images", required_dirs=("images",),
+        layout=_coop_layout("images/<dish>/*.jpg", "split_zhou_Food101.json", "images/"),
+        get_it="food-101.tar.gz from https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/, or "
+               f"torchvision.datasets.Food101(<dir>, download=True), which creates <dir>/food-101/images; {_COOP}"),
+    "mnist": MTILDataset(  # official test 10,000; train / val ≈ 48,000 / 12,000
+        "mnist", 'a photo of the number: "{c}".', 10, listing="torchvision", class_names=tuple(MNIST_NAMES),
+        official=mnist_official, files=_MNIST_FILES, layout=", ".join(f"<root>/{f}" for f in _MNIST_FILES),
+        get_it="set data.download=true (torchvision downloads it), or run torchvision.datasets.MNIST(<root>, "
+               "download=True) once"),
+    "oxford_pet": MTILDataset(
+        "oxford_pets", "a photo of a {c}, a type of pet.", 37, split_file="split_zhou_OxfordPets.json",
+        image_dir="images", required_dirs=("images",), class_name=pet_name,
+        layout=_coop_layout("images/<Breed>_<n>.jpg", "split_zhou_OxfordPets.json", "images/"),
+        get_it="images.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/, or torchvision.datasets."
+               f"OxfordIIITPet(<dir>, download=True), which creates <dir>/oxford-iiit-pet/images; {_COOP}"),
+    "cars": MTILDataset(  # make/model with the year moved to the front
+        "stanford_cars", "a photo of a {c}, a type of car.", 196, split_file="split_zhou_StanfordCars.json",
+        required_dirs=("cars_train", "cars_test"), class_name=cars_name,
+        layout=_coop_layout("cars_train/*.jpg, <root>/cars_test/*.jpg", "split_zhou_StanfordCars.json",
+                            "<root>, e.g. cars_train/00001.jpg"),
+        get_it="the Stanford Cars images (cars_train.tgz, cars_test.tgz; the official page is offline — see CoOp's "
+               "DATASETS.md or torchvision.datasets.StanfordCars' notes for mirrors, which give "
+               f"<dir>/stanford_cars/cars_train); {_COOP}"),
+    "sun397": MTILDataset(  # names from each image's path: b/bakery/shop -> "shop bakery"
+        "sun397", "a photo of a {c}.", 397, split_file="split_zhou_SUN397.json", image_dir="SUN397",
+        required_dirs=("SUN397",), class_name=sun397_name,
+        layout=_coop_layout("SUN397/<letter>/<scene>[/<sub>]/*.jpg", "split_zhou_SUN397.json", "SUN397/"),
+        get_it="SUN397.tar.gz from https://vision.princeton.edu/projects/2010/SUN/, or torchvision.datasets."
+               f"SUN397(<dir>, download=True), which creates <dir>/SUN397; {_COOP}"),
+}
+MTIL_DEFAULT_DIRS: dict[str, str] = {name: d.folder for name, d in MTIL_DATASETS.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The three readers and the generic source
+# ----------------------------------------------------------------------------------------------
+
+
+def _aircraft_dir(root: str) -> str:
+    """``root/fgvc-aircraft-2013b/data`` if it exists, else ``root`` when it holds CoOp's flat layout."""
+    official = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    if not os.path.isdir(official) and os.path.isfile(os.path.join(root, "variants.txt")):
+        return root
+    return official
+
+
+def _missing_files(src: "MTILSource") -> list[tuple[str, str]]:
+    """(what, path) of everything the dataset's listing needs that is not on disk (stat calls only)."""
+    d, root = src.facts, src.root
+    if d.listing == "torchvision":
+        return [] if src.download else [("file", os.path.join(root, f)) for f in d.files
+                                         if not os.path.isfile(os.path.join(root, f))]
+    if not os.path.isdir(root):
+        return [("dataset folder", root)]
+    if d.listing == "aircraft":
+        data = _aircraft_dir(root)
+        dirs, files = [os.path.join(data, "images")], ["variants.txt"] + [f"images_variant_{s}.txt" for s in SPLITS]
+        return [("image folder", p) for p in dirs if not os.path.isdir(p)] + \
+            [("file", os.path.join(data, f)) for f in files if not os.path.isfile(os.path.join(data, f))]
+    missing = [("image folder", os.path.join(root, p)) for p in d.required_dirs
+               if not os.path.isdir(os.path.join(root, p))]
+    if not os.path.isfile(os.path.join(root, d.split_file)):
+        missing.append(("CoOp split file", os.path.join(root, d.split_file)))
+    return missing
+
+
+def _read_coop(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
+    d = src.facts
+    path = os.path.join(src.root, d.split_file)
+    raw = read_coop_split(path)
+    rows = {s: [(rel, lab, d.class_name(c, rel)) for rel, lab, c in raw[s]
+                if rel.replace("\\", "/").split("/")[0] not in d.ignored and c not in d.ignored] for s in SPLITS}
+    mapping, names = _index_labels(rows, path)
+    base = os.path.join(src.root, d.image_dir) if d.image_dir else src.root
+    data = {s: SplitData([os.path.normpath(os.path.join(base, rel)) for rel, _, _ in rows[s]],
+                         np.array([mapping[lab] for _, lab, _ in rows[s]], dtype=np.int64)) for s in SPLITS}
+    return data, [names[lab] for lab in sorted(mapping)]
+
+
+def _read_aircraft(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
+    """Label = index of the variant in ``variants.txt``; lines ``<image id> <variant>``."""
+    d = _aircraft_dir(src.root)
+    with open(os.path.join(d, "variants.txt"), encoding="utf-8") as f:
+        variants = [line.strip() for line in f if line.strip()]
+    index = {v: i for i, v in enumerate(variants)}
+    data = {}
+    for s in SPLITS:
+        path = os.path.join(d, f"images_variant_{s}.txt")
+        items, labels = [], []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                image_id, _, variant = line.strip().partition(" ")
+                if not image_id:
+                    continue
+                if variant not in index:
+                    raise ValueError(f"{path}:{n}: variant {variant!r} is not in variants.txt")
+                items.append(os.path.join(d, "images", image_id + ".jpg"))
+                labels.append(index[variant])
+        data[s] = SplitData(items, np.array(labels, dtype=np.int64))
+    return data, [prompt_name(v) for v in variants]
+
+
+def _read_torchvision(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
+    """Official test; train / val = a per-class split of the official train set, drawn once."""
+    x, y, names = src.facts.official(src.root, False, src.download)
+    data = {"test": SplitData(x, y)}
+    x, y, _ = src.facts.official(src.root, True, src.download)
+    train, val = per_class_train_val_split(y, src.val_fraction, src.split_seed)
+    data.update(train=SplitData(x[train], y[train]), val=SplitData(x[val], y[val]))
+    return data, [prompt_name(c) for c in names]
+
+
+_READERS = {"coop": _read_coop, "aircraft": _read_aircraft, "torchvision": _read_torchvision}
+
+
+class MTILSource:
+    """One MTIL dataset under ``root`` (a :class:`~clcli.data.base.Source`), described by its row of
+    :data:`MTIL_DATASETS` (``facts`` replaces it). Files are read on the first :meth:`load` — or on
+    the first :attr:`info` where class names come from the files (not the torchvision datasets,
+    whose read may download); ``split_seed``, ``download`` and ``val_fraction`` concern the
+    torchvision datasets only."""
+
+    def __init__(self, name: str, root: str | os.PathLike[str], split_seed: int = 42, download: bool = True,
+                 val_fraction: float = 0.2, facts: MTILDataset | None = None) -> None:
+        self.name, self.facts = name, facts or MTIL_DATASETS[name]
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
-        self.split_seed = int(split_seed)
-        self.download = bool(download)
-        self.val_fraction = float(val_fraction)
-        self.info = SourceInfo(self.name, len(self.class_names), [prompt_name(c) for c in self.class_names],
-                               [self.template])
-        self._cache: dict[str, SplitData] = {}
+        self.split_seed, self.download, self.val_fraction = int(split_seed), bool(download), float(val_fraction)
+        self._info = SourceInfo(name, self.facts.num_classes, [prompt_name(c) for c in self.facts.class_names],
+                                [self.facts.template])
+        self._data: dict[str, SplitData] | None = None
+
+    @property
+    def info(self) -> SourceInfo:
+        """Static facts; class names (and their count) from the files once read."""
+        if self._data is None and self.facts.listing != "torchvision" and not self.problems():
+            self._read()
+        return self._info
 
     def problems(self) -> list[str]:
-        """Nothing is missing when ``download=True`` (torchvision fetches the files on ``load``)."""
-        if self.download:
-            return []
-        layout = ", ".join(f"<root>/{f}" for f in self.files)
-        return [
-            _problem(self.name, "file", os.path.join(self.root, f), layout, self.get_it)
-            for f in self.files if not os.path.isfile(os.path.join(self.root, f))
-        ]
-
-    @abc.abstractmethod
-    def _official(self, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The official train or test split: images, labels, class names."""
-
-    def _read_official(self, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """:meth:`_official` with torchvision's failures (no network for the download, corrupt or
-        partial files) reported as a :class:`MissingDatasetError` naming the folder and the fix."""
-        try:
-            return self._official(train)
-        except Exception as exc:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError...
-            raise MissingDatasetError(
-                f"{self.name}: cannot read or download the official files under {self.root} "
-                f"({type(exc).__name__}: {exc}). Get it: {self.get_it}"
-            ) from exc
+        """What is missing on disk, with the expected layout and where to get it."""
+        d = self.facts
+        return [f"{self.name}: {what} {path} is missing. Expected layout: {d.layout}. Get it: "
+                + (f"download {d.split_file} from the links in CoOp's DATASETS.md ({COOP_DATASETS_MD}) and put it "
+                   f"in {self.root}" if what == "CoOp split file" else d.get_it)
+                for what, path in _missing_files(self)]
 
     def load(self, split: str) -> SplitData:
         if split not in SPLITS:
             raise KeyError(f"{self.name}: unknown split {split!r} (train, val or test)")
-        if split not in self._cache:
-            if not self.download:
-                probs = self.problems()
-                if probs:
-                    raise MissingDatasetError("\n".join(probs))
-            if split == "test":
-                x, y, classes = self._read_official(train=False)
-                self._cache["test"] = SplitData(x, y)
-            else:
-                x, y, classes = self._read_official(train=True)
-                tr, va = per_class_train_val_split(y, self.val_fraction, self.split_seed)
-                self._cache["train"] = SplitData(x[tr], y[tr])
-                self._cache["val"] = SplitData(x[va], y[va])
-            names = [prompt_name(c) for c in classes]
-            if names != self.info.class_names:
-                log.warning("%s: torchvision class names differ from the built-in list; using torchvision's",
-                            self.name)
-                self.info = SourceInfo(self.name, len(names), names, [self.template])
-        return self._cache[split]
+        if self._data is None:
+            problems = self.problems()
+            if problems:
+                raise MissingDatasetError("\n".join(problems))
+            self._read()
+        return self._data[split]
 
-
-class CIFAR100Source(_TorchvisionTrainValSource):
-    """CIFAR100 (100 classes): official test (10,000); train / val = 80/20 per class of the official
-    train split (40,000 / 10,000), spec §1.2.
-
-    Layout: torchvision's, ``root/cifar-100-python/{train,test,meta}`` (``torchvision.datasets.CIFAR100``
-    downloads it when ``download=True``). Items: uint8 ``[N, 32, 32, 3]``. Class names =
-    ``fine_label_names`` with ``_`` → space (spec §1.3). Template: ``a photo of a {c}.``
-    """
-
-    name = "cifar100"
-    display_name = "CIFAR100"
-    template = "a photo of a {c}."
-    class_names = CIFAR100_FINE_NAMES
-    files = ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta")
-    get_it = ("set data.download=true (torchvision downloads it), or extract cifar-100-python.tar.gz from "
-              "https://www.cs.toronto.edu/~kriz/cifar.html into <root> (torchvision.datasets.CIFAR100)")
-
-    def _official(self, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        from torchvision.datasets import CIFAR100
-
-        ds = CIFAR100(self.root, train=train, download=self.download)
-        return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
-
-
-class MNISTSource(_TorchvisionTrainValSource):
-    """MNIST (10 classes): official test (10,000); train / val = 80/20 per class of the official train
-    split (≈ 48,000 / 12,000), spec §1.2.
-
-    Layout: torchvision's, ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
-    (``torchvision.datasets.MNIST`` downloads it when ``download=True``). Items: uint8 ``[N, 28, 28]``
-    (grey; made RGB by the image loader). Class names ``0 - zero`` … ``9 - nine`` (spec §1.3).
-    Template: ``a photo of the number: "{c}".``
-    """
-
-    name = "mnist"
-    display_name = "MNIST"
-    template = 'a photo of the number: "{c}".'
-    class_names = MNIST_NAMES
-    files = tuple(f"MNIST/raw/{f}" for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
-    get_it = "set data.download=true (torchvision downloads it), or run torchvision.datasets.MNIST(<root>, download=True) once"
-
-    def _official(self, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        from torchvision.datasets import MNIST
-
-        ds = MNIST(self.root, train=train, download=self.download)
-        return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64), list(MNIST_NAMES)
+    def _read(self) -> None:
+        try:
+            self._data, names = _READERS[self.facts.listing](self)
+        except (OSError, ValueError, RuntimeError) as exc:  # unreadable, malformed, or a failed download
+            raise MissingDatasetError(f"{self.name}: cannot read the files under {self.root} "
+                                      f"({type(exc).__name__}: {exc}). Get it: {self.facts.get_it}") from exc
+        if self._info.class_names and names != self._info.class_names:
+            log.warning("%s: the class names in the files differ from the built-in list; using the files'", self.name)
+        if len(names) != self.facts.num_classes:
+            log.warning("%s: %d classes under %s, DIKI's protocol has %d", self.name, len(names), self.root,
+                        self.facts.num_classes)
+        self._info = SourceInfo(self.name, len(names), names, [self.facts.template])
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry and orders (spec §1.1, §1.5)
+# Orders
 # ----------------------------------------------------------------------------------------------
-
-MTIL_SOURCES: dict[str, type] = {
-    "aircraft": AircraftSource,
-    "caltech101": Caltech101Source,
-    "cifar100": CIFAR100Source,
-    "dtd": DTDSource,
-    "eurosat": EuroSATSource,
-    "flowers": FlowersSource,
-    "food": FoodSource,
-    "mnist": MNISTSource,
-    "oxford_pet": OxfordPetSource,
-    "cars": CarsSource,
-    "sun397": SUN397Source,
-}
-
-# Folder of each dataset under the data directory (CoOp's DATASETS.md names; cifar100/mnist: ours).
-MTIL_DEFAULT_DIRS: dict[str, str] = {
-    "aircraft": "fgvc_aircraft",
-    "caltech101": "caltech-101",
-    "cifar100": "cifar100",
-    "dtd": "dtd",
-    "eurosat": "eurosat",
-    "flowers": "oxford_flowers",
-    "food": "food-101",
-    "mnist": "mnist",
-    "oxford_pet": "oxford_pets",
-    "cars": "stanford_cars",
-    "sun397": "sun397",
-}
 
 # Order I (DIKI ``datasets.py:34-39``; ``MTIL.yaml``).
 MTIL_ORDER_I: tuple[str, ...] = (
@@ -844,23 +552,11 @@ MTIL_FEWSHOT_SHOTS = 16  # configs/MTIL-FS.yaml; val uses fewshot_val_shots(16) 
 MTIL_ORDERS: dict[str, tuple[str, ...]] = {"I": MTIL_ORDER_I, "II": MTIL_ORDER_II, "FS": MTIL_FEWSHOT_DATASETS}
 
 
-def make_mtil_source(
-    name: str,
-    data_dir: str | os.PathLike[str],
-    *,
-    root: str | os.PathLike[str] | None = None,
-    split_seed: int = 42,
-    download: bool = True,
-) -> Any:
-    """Build the source registered as ``name`` (see :data:`MTIL_SOURCES`).
-
-    ``root`` defaults to ``data_dir / MTIL_DEFAULT_DIRS[name]``; ``split_seed`` and ``download`` only
-    reach CIFAR100 and MNIST (the other datasets have fixed split files).
-    """
-    if name not in MTIL_SOURCES:
-        raise KeyError(f"unknown MTIL dataset {name!r}; choose from {', '.join(MTIL_SOURCES)}")
-    cls = MTIL_SOURCES[name]
+def make_mtil_source(name: str, data_dir: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
+                     split_seed: int = 42, download: bool = True) -> MTILSource:
+    """The source of dataset ``name`` (a key of :data:`MTIL_DATASETS`) under ``root``, by default
+    ``data_dir / MTIL_DEFAULT_DIRS[name]``; ``split_seed`` and ``download`` only reach CIFAR100 and MNIST."""
+    if name not in MTIL_DATASETS:
+        raise KeyError(f"unknown MTIL dataset {name!r}; choose from {', '.join(MTIL_DATASETS)}")
     path = root if root is not None else os.path.join(os.fspath(data_dir), MTIL_DEFAULT_DIRS[name])
-    if issubclass(cls, _TorchvisionTrainValSource):
-        return cls(path, split_seed=split_seed, download=download)
-    return cls(path)
+    return MTILSource(name, path, split_seed=split_seed, download=download)

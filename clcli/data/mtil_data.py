@@ -70,7 +70,7 @@ class MTILData:
         name: scenario name recorded in results (``mtil_order1``, ``mtil_order2``, ``mtil_fewshot``).
         order: ``"I"``, ``"II"`` (order I permuted by [9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2]), ``"FS"``
             (order I without EuroSAT, MNIST, OxfordPet: the 8 MTIL-FS datasets) or an explicit list of
-            dataset names from :data:`clcli.data.mtil.MTIL_SOURCES`.
+            dataset names from :data:`clcli.data.mtil.MTIL_DATASETS`.
         num_shots: ``-1`` = full training sets; ``k >= 1`` = ``k`` training and ``min(k, 4)``
             validation images per class (MTIL-FS: 16), test sets untouched.
         few_shot_seed: seed of the few-shot draws (a dedicated RNG; spec §8 item 6 fix).
@@ -107,17 +107,17 @@ class MTILData:
             out.append(f"data.order: unknown order {self.order!r} (known: {', '.join(mtil.MTIL_ORDERS)}, "
                        "or a list of dataset names).")
         names = self.datasets
-        unknown = [d for d in names if d not in mtil.MTIL_SOURCES]
+        unknown = [d for d in names if d not in mtil.MTIL_DATASETS]
         if unknown:
-            out.append(f"data.order: unknown dataset(s) {unknown} (known: {', '.join(mtil.MTIL_SOURCES)}).")
+            out.append(f"data.order: unknown dataset(s) {unknown} (known: {', '.join(mtil.MTIL_DATASETS)}).")
         dupes = sorted({d for d in names if names.count(d) > 1})
         if dupes:
             out.append(f"data.order: dataset(s) {dupes} appear more than once.")
         if not names and not out:
             out.append("data.order: the dataset list is empty.")
-        extra = sorted(set(self.dirs) - set(mtil.MTIL_SOURCES))
+        extra = sorted(set(self.dirs) - set(mtil.MTIL_DATASETS))
         if extra:
-            out.append(f"data.dirs: unknown dataset(s) {extra} (known: {', '.join(mtil.MTIL_SOURCES)}).")
+            out.append(f"data.dirs: unknown dataset(s) {extra} (known: {', '.join(mtil.MTIL_DATASETS)}).")
         if isinstance(self.num_shots, bool) or not isinstance(self.num_shots, int) or \
                 (self.num_shots != -1 and self.num_shots < 1):
             out.append(f"data.num_shots: -1 (full training sets) or an integer >= 1, got {self.num_shots!r}.")

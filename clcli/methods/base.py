@@ -1,11 +1,35 @@
-"""The method protocol the training loop relies on (see DESIGN.md "Core objects")."""
+"""The method protocol the training loop relies on (see DESIGN.md "Core objects"), and the
+evaluation context every ``predict`` call receives."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from clcli.data.scenario import Scenario, Task
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """One evaluation batch and what the evaluator knows about it (built by ``engine.evaluate``).
+
+    ``images``: the batch on the run's device; ``task``: the task whose test set it comes from;
+    ``candidates``: the contiguous global label range to score; ``batch_index``: its position in the
+    evaluator's unshuffled loader of ``task.test`` (this rank's block in a multi-process run), or
+    None for a batch that is not such a loader batch (a direct call); ``after``: the last trained task.
+
+    ``task`` and ``batch_index`` name the batch so that a cache can serve it exactly; they are not
+    a prediction input. A class-incremental method must not use the task identity to predict (that
+    would be task-incremental evaluation); an MTIL method may, because there the evaluated dataset
+    and its label space are given by the protocol (``candidates`` is ``task.labels``).
+    """
+
+    images: torch.Tensor
+    task: Task
+    candidates: range
+    batch_index: int | None = None
+    after: int | None = None
 
 
 class Method(Protocol):
@@ -14,11 +38,12 @@ class Method(Protocol):
         begin_task(task); train_task(task); end_task(task)
         ... evaluation through predict() ...
 
-    ``predict(images, candidates)`` returns logits ``[B, len(candidates)]`` over the contiguous
-    global label range ``candidates`` (all seen classes for class-incremental scenarios, the
-    evaluated dataset's classes for MTIL). ``state_dict()`` holds everything needed to continue
-    after the last finished task (per-task checkpoints and resume); ``summary()`` returns facts worth
-    recording in results.json (e.g. parameter counts).
+    ``predict(batch)`` (an :class:`EvalBatch`) returns logits ``[B, len(batch.candidates)]`` over
+    the contiguous global label range ``batch.candidates`` (all seen classes for class-incremental
+    scenarios, the evaluated dataset's classes for MTIL); the batch's task and position serve caching
+    and bookkeeping, and a class-incremental method must not predict from them. ``state_dict()``
+    holds everything needed to continue after the last finished task (per-task checkpoints and
+    resume); ``summary()`` returns facts worth recording in results.json (e.g. parameter counts).
 
     Optionally, a static ``config_problems(optim, **method_keys) -> list[str]`` checks the method's
     own keys without a backbone; ``clcli validate`` (``config.check_config``) and the constructor
@@ -33,7 +58,7 @@ class Method(Protocol):
 
     def end_task(self, task: Task) -> None: ...
 
-    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor: ...
+    def predict(self, batch: EvalBatch) -> torch.Tensor: ...
 
     def state_dict(self) -> dict: ...
 

@@ -10,7 +10,6 @@ the text features of the class prompts are the classifier.
   the reference DIKI's Transfer should approach (spec §11.2).
 - :class:`ContinualCLIPFT` (``method=clip_ft``): the "Continual-FT" row — both encoders fine-tuned on
   each dataset in turn with CE over its classes, no protection against forgetting.
-- :func:`clip_backbone`: the Hydra target of ``conf/backbone/{clip_vit_b16,tiny_clip}.yaml``.
 - :class:`PromptBank`, :func:`cosine_logits`, :func:`require_clip`: shared with :mod:`clcli.methods.diki`.
 """
 from __future__ import annotations
@@ -26,36 +25,12 @@ from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as featu
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, fit
 from clcli.errors import ConfigError
+from clcli.methods.base import EvalBatch
 from clcli.models.clip import ClipBackbone
 
 log = logging.getLogger("clcli")
 
 OPTIMIZERS = ("adamw", "sgd")
-
-
-def clip_backbone(kind: str = "clip", **kwargs) -> ClipBackbone:
-    """Build a :class:`~clcli.models.clip.ClipBackbone` from a backbone config.
-
-    The config carries ``kind: clip`` so that ``check_config`` can refuse CLIP-only methods on timm
-    backbones (``method.requires_backbone``) before anything is built; ``ClipBackbone`` itself takes
-    no ``kind`` argument, so this thin factory consumes it. It also records ``weights_identity``
-    (architecture, tag or file, open_clip version) for results.json's provenance block.
-    """
-    if kind != "clip":
-        raise ConfigError([f"backbone.kind: a CLIP backbone config must say kind: clip, got {kind!r}."])
-    import open_clip
-
-    bb = ClipBackbone(**kwargs)
-    identity = {"model_name": bb.model_name, "open_clip": open_clip.__version__, "precision": bb.precision,
-                "quick_gelu": bb.quick_gelu}
-    if bb.checkpoint_path:
-        from clcli.models.timm_backbone import file_sha256
-
-        identity.update(file=str(bb.checkpoint_path), sha256=file_sha256(bb.checkpoint_path))
-    else:
-        identity["pretrained_tag"] = bb.pretrained  # None = random initialisation (tiny_clip)
-    bb.weights_identity = identity
-    return bb
 
 
 def not_positive(cfg, key: str) -> bool:
@@ -87,14 +62,11 @@ class PromptBank:
     """The class prompts of a scenario by global label, tokenised once (spec §1.3, §3.4).
 
     ``tokens(candidates)`` are the prompts of a contiguous label range, truncated to the longest
-    prompt's EOT + 1 (exact for CLIP's causal text tower, spec §7 item 2) and kept on the device;
-    ``task_of(candidates)`` names the task (dataset) whose label range it is — in MTIL the evaluated
-    dataset is known from its label space (spec §9, RAIL#2).
+    prompt's EOT + 1 (exact for CLIP's causal text tower, spec §7 item 2) and kept on the device.
     """
 
     def __init__(self, backbone: ClipBackbone, scenario: Scenario):
         self.backbone = backbone
-        self.ranges = [t.labels for t in scenario.tasks]
         prompts: list[str] = []
         for t in scenario.tasks:
             if t.labels.start != len(prompts):
@@ -103,12 +75,6 @@ class PromptBank:
         self.prompts = prompts
         self._all = backbone.tokenize(prompts)  # [N, 77] on CPU: ~1,200 prompts for MTIL
         self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
-
-    def task_of(self, candidates: range) -> int:
-        for i, labels in enumerate(self.ranges):
-            if labels == candidates:
-                return i
-        raise ValueError(f"candidate labels {candidates} are not the label range of one task ({self.ranges})")
 
     def tokens(self, candidates: range, device: torch.device | str) -> torch.Tensor:
         key = (candidates.start, candidates.stop, str(device))
@@ -140,15 +106,15 @@ class _PromptClassifierCLIP:
         """Nothing after training: no statistics, no alignment (the baselines' definition)."""
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
-        key = (candidates.start, candidates.stop)
-        if key not in self._text:
-            self._text[key] = self.backbone.encode_text(self.bank.tokens(candidates, self.rt.device))
-        return cosine_logits(self.image_features(images, candidates), self._text[key], self.backbone.logit_scale)
+    def predict(self, batch: EvalBatch) -> torch.Tensor:
+        c = batch.candidates
+        if (c.start, c.stop) not in self._text:
+            self._text[c.start, c.stop] = self.backbone.encode_text(self.bank.tokens(c, self.rt.device))
+        return cosine_logits(self.image_features(batch), self._text[c.start, c.stop], self.backbone.logit_scale)
 
-    def image_features(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+    def image_features(self, batch: EvalBatch) -> torch.Tensor:
         """Normalised image features of an eval batch (the encoders of the subclass, as they are now)."""
-        return self.backbone.encode_image(images)
+        return self.backbone.encode_image(batch.images)
 
 
 class ZeroShotCLIP(_PromptClassifierCLIP):
@@ -176,12 +142,8 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
         """Problems of the method's keys (also run by ``clcli validate``)."""
         return feature_cache_problems(feature_cache, feature_cache_dir)
 
-    def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        self.frozen.tasks = list(scenario.tasks)
-        return super().prepare_scenario(scenario)
-
-    def image_features(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
-        return self.frozen(images, self.bank.task_of(candidates))
+    def image_features(self, batch: EvalBatch) -> torch.Tensor:
+        return self.frozen(batch)
 
     def train_task(self, task: Task) -> None:
         """Zero-shot CLIP learns nothing."""

@@ -19,10 +19,10 @@ Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
    the longest EOT + 1, exact, §7 item 2). After every epoch the val accuracy (oracle task, w = 1, no
    Gaussian) is measured and the best epoch's residuals are restored at the end (§5.1) when
    ``select_best_on_val`` and the task has a val split.
-3. ``predict(images, candidates)`` (§4.2): the evaluated dataset is the task whose label range is
-   ``candidates``; for each sample S_b = max over learned tasks k of log N(f_b; μ_k, Σ_k) on its frozen
-   normalised feature f_b, k_b the argmax, and w_b = σ(S_b/scale − shift) (scale 512, shift 1). With
-   ``calibration.task_select: batch`` (the reference) the batch uses the majority task of the k_b
+3. ``predict(batch)`` (§4.2): the evaluated dataset is the batch's task (MTIL gives it; the classes
+   scored are its own, ``batch.candidates``); for each sample S_b = max over learned tasks k of
+   log N(f_b; μ_k, Σ_k) on its frozen normalised feature f_b, k_b the argmax, and
+   w_b = σ(S_b/scale − shift) (scale 512, shift 1). With ``calibration.task_select: batch`` (the reference) the batch uses the majority task of the k_b
    (ties: lowest task index), the vision residual is scaled per sample by w_b (each sample's own
    likelihood, even when its own k_b lost the vote, §8 item 2) and the text residual by mean_b(w_b).
    With ``task_select: sample`` each sample uses its own k_b and its own w_b for both its image and
@@ -30,8 +30,8 @@ Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
    computed by grouping the samples by selected task.
 
 The frozen features of every test set are computed once per run and cached (``method.feature_cache``,
-:mod:`clcli.cache`, §7 item 4): an eval batch that is exactly one of the test set's loader batches gets
-its features from the cache (bit-identical), any other batch computes them.
+:mod:`clcli.cache`, §7 item 4): an eval batch named by the evaluator (test set, position in its loader)
+gets its features from the cache (bit-identical), any other batch computes them.
 
 Batch-wise selection makes results depend on the evaluation batch (``eval.batch_size`` 256, unshuffled,
 a last partial batch votes alone; §8 item 1).
@@ -56,6 +56,7 @@ from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as featu
 from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
+from clcli.methods.base import EvalBatch
 from clcli.methods.clip_baselines import PromptBank, cosine_logits, not_positive, require_clip
 from clcli.models.residual_attention import DikiClip
 from clcli.stats import GaussianStats
@@ -203,7 +204,6 @@ class DIKI:
                 "mtil_order2, mtil_fewshot or synthetic_mtil."
             ])
         self.bank = PromptBank(self.backbone, scenario)
-        self.frozen.tasks = list(scenario.tasks)
         return scenario
 
     def begin_task(self, task: Task) -> None:
@@ -271,12 +271,12 @@ class DIKI:
         """Nothing: the task's Gaussian is fitted in begin_task, before training (spec §4.1)."""
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
-        dataset = self.bank.task_of(candidates)
-        tokens = self.bank.tokens(candidates, self.rt.device)
+    def predict(self, batch: EvalBatch) -> torch.Tensor:
+        images, dataset = batch.images, batch.task.index  # MTIL: the evaluated dataset is given
+        tokens = self.bank.tokens(batch.candidates, self.rt.device)
         scale = self.model.logit_scale
         learned = self.stats.keys
-        frozen = self.frozen(images, dataset)  # cached across stages where exact (§7 item 4)
+        frozen = self.frozen(batch)  # cached across stages where exact (§7 item 4)
         if not learned:  # nothing learned yet: the model is zero-shot CLIP (the reference crashes, §8 item 13)
             return cosine_logits(frozen, self._text(dataset, tokens, None, 0.0), scale)
         tasks, _, w = calibrate(self.stats, frozen, learned, self.calibration["scale"], self.calibration["shift"])
@@ -297,9 +297,10 @@ class DIKI:
         """Batches of frozen normalised features of ``task.train_plain`` for its Gaussian: from the
         disk cache (same batches, same bits, so the same float64 sums) or computed."""
         if self.features.mode == "disk":
-            entry = self.features.features(self.backbone, task.train_plain, self.rt, name=task.name, split="train",
-                                           hashes=False, keep_in_memory=False, description=f"Gaussian {task.name}")
-            yield from entry.batches(self.rt.device)
+            stored = self.features.features(self.backbone, task.train_plain, self.rt, name=task.name, split="train",
+                                            description=f"Gaussian {task.name}")
+            for f in stored.split(self.rt.eval_batch_size):  # extract_features' batches: the same sums
+                yield f.to(self.rt.device, torch.float32)
             return
         for f, _ in extract_features(self.backbone.features, task.train_plain, self.rt, description=f"Gaussian {task.name}"):
             yield f

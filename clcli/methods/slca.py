@@ -27,6 +27,7 @@ from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as featu
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
+from clcli.methods.base import EvalBatch
 from clcli.models.heads import TaskHeads
 from clcli.stats import GaussianStats
 
@@ -58,8 +59,9 @@ class SLCA:
     ``feature_cache`` (``memory`` | ``disk`` | ``off``) applies when the backbone is frozen
     (``optim.lr.representation: 0``): its output for a test image is the same at every stage, so each
     test set is encoded once per run (or read from ``feature_cache_dir``) and served to every later
-    evaluation bit for bit (:class:`clcli.cache.FrozenEvalFeatures`, found by image hashes since the
-    class-incremental evaluation does not name the task). A trained backbone ignores it.
+    evaluation bit for bit (:class:`clcli.cache.FrozenEvalFeatures`, keyed by the batch's test set and
+    position). A trained backbone ignores it. The prediction itself never looks at the batch's task:
+    the scores cover every seen class (class-incremental evaluation).
     """
 
     def __init__(self, backbone, optim, runtime: Runtime, ca: dict, stats: dict, joint: bool = False,
@@ -89,10 +91,7 @@ class SLCA:
 
     # ------------------------------------------------------------------ protocol
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        scenario = scenario.joint() if self.joint else scenario
-        if self.frozen is not None:
-            self.frozen.tasks = list(scenario.tasks)
-        return scenario
+        return scenario.joint() if self.joint else scenario
 
     def begin_task(self, task: Task) -> None:
         self.aligned = None  # recall(): the next task starts from the stage-1 heads
@@ -134,10 +133,10 @@ class SLCA:
         if task.index > 0 and self.ca["epochs"] > 0:
             self.aligned = self._align(task)
 
-    def predict(self, images: torch.Tensor, candidates: range) -> torch.Tensor:
+    def predict(self, batch: EvalBatch) -> torch.Tensor:
         heads = self.aligned if self.aligned is not None else self.heads
-        f = self.frozen.among(images, candidates) if self.frozen is not None else self.backbone(images)
-        return heads(f)[:, candidates.start : candidates.stop]
+        f = self.frozen(batch) if self.frozen is not None else self.backbone(batch.images)
+        return heads(f)[:, batch.candidates.start : batch.candidates.stop]
 
     def summary(self) -> dict:
         return {

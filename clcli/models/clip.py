@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clcli.errors import BackboneError
+from clcli.errors import BackboneError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ __all__ = [
     "ClipBackbone",
     "TINY_CLIP_CONFIG",
     "TINY_CLIP_NAME",
+    "clip_backbone",
     "eot_positions",
     "register_tiny_clip",
     "truncate_to_eot",
@@ -362,3 +363,26 @@ def _load_error(model_name: str, pretrained: str | None, checkpoint_path: str | 
             "weights file and set backbone.checkpoint_path=<file> and backbone.pretrained=null."
         )
     return BackboneError(f"Could not build backbone.model_name={model_name!r}: {type(err).__name__}: {err}")
+
+
+def clip_backbone(kind: str = "clip", **kwargs) -> ClipBackbone:
+    """Build a :class:`~clcli.models.clip.ClipBackbone` from a backbone config.
+
+    The config carries ``kind: clip`` so that ``check_config`` can refuse CLIP-only methods on timm
+    backbones (``method.requires_backbone``) before anything is built; ``ClipBackbone`` itself takes
+    no ``kind`` argument, so this thin factory consumes it. It also records ``weights_identity``
+    (architecture, tag or file, open_clip version) for results.json's provenance block.
+    """
+    if kind != "clip":
+        raise ConfigError([f"backbone.kind: a CLIP backbone config must say kind: clip, got {kind!r}."])
+    bb = ClipBackbone(**kwargs)
+    identity = {"model_name": bb.model_name, "open_clip": open_clip.__version__, "precision": bb.precision,
+                "quick_gelu": bb.quick_gelu}
+    if bb.checkpoint_path:
+        from clcli.models.timm_backbone import file_sha256
+
+        identity.update(file=str(bb.checkpoint_path), sha256=file_sha256(bb.checkpoint_path))
+    else:
+        identity["pretrained_tag"] = bb.pretrained  # None = random initialisation (tiny_clip)
+    bb.weights_identity = identity
+    return bb
