@@ -1,4 +1,5 @@
-"""Class orders, task splits and the digits source against the SLCA spec (slca.md §2.3, §15)."""
+"""Class orders, task splits and the digits source against the SLCA reference protocol
+(docs/slca_protocol.md: class order)."""
 import json
 from pathlib import Path
 
@@ -9,8 +10,8 @@ from clcli.data.cil import Digits, stratified_split
 from clcli.data.scenario import class_order, task_sizes
 from clcli.data.synthetic import SyntheticSource
 
-ORDERS = json.loads((Path(__file__).resolve().parents[2] / "shared/specs/slca_class_orders.json").read_text()) \
-    if (Path(__file__).resolve().parents[2] / "shared/specs/slca_class_orders.json").is_file() else None
+# The 12 class orders (4 benchmarks x seeds 1993/1996/1997) the SLCA reference produces.
+ORDERS = json.loads((Path(__file__).resolve().parent / "data" / "slca_class_orders.json").read_text())
 
 
 def test_class_order_first_entries_from_spec():
@@ -22,8 +23,7 @@ def test_class_order_first_entries_from_spec():
     assert class_order(196, 1996)[:5] == [173, 6, 195, 94, 134]
 
 
-@pytest.mark.skipif(ORDERS is None, reason="shared/specs not beside the repo")
-def test_all_twelve_orders_equal_the_spec_file():
+def test_all_twelve_orders_equal_the_reference():
     n = {"cifar100_224": 100, "imagenet-r": 200, "cub200_224": 200, "cars196_224": 196}
     for key, by_seed in ORDERS.items():
         for seed, order in by_seed.items():
