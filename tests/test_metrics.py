@@ -45,3 +45,11 @@ def test_mtil_hand_matrix():
     assert out["per_dataset"]["avg"] == [40.0, 50.0, 60.0]
     assert out["per_dataset"]["last"] == [70.0, 80.0, 90.0]
     assert (out["transfer"], out["avg"], out["last"]) == (32.5, 50.0, 80.0)
+
+
+def test_forgetting_uses_the_best_earlier_stage_not_the_stage_it_was_learned():
+    # task 0 learned at 50, improves to 80 after task 1 (backward transfer), ends at 40:
+    # forgetting = best before the final step (80) - final (40) = 40, not 50 - 40 = 10
+    acc = np.array([[50.0, np.nan, np.nan], [80.0, 70.0, np.nan], [40.0, 60.0, 90.0]])
+    # task 1: best before the last step 70 -> 60 = 10; mean (40 + 10) / 2
+    assert forgetting(acc) == pytest.approx(25.0)

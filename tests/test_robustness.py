@@ -224,3 +224,46 @@ def test_kill_while_writing_results_leaves_a_complete_file(tmp_path):
 
 def test_shipped_conf_is_the_one_used():
     assert (CONF / "config.yaml").is_file()
+
+
+def test_results_and_tables_of_a_run_go_through_the_atomic_writer(tmp_path, capsys, monkeypatch):
+    """Every file of a run dir is written by atomic_write_bytes (temporary file + rename)."""
+    import clcli.results as results_mod
+
+    written = []
+    real = results_mod.atomic_write_bytes
+    monkeypatch.setattr(results_mod, "atomic_write_bytes", lambda path, data: (written.append(Path(path).name), real(path, data)))
+    run_dir = tmp_path / "run"
+    assert _cli(["train", *TINY, "method=frozen", f"hydra.run.dir={run_dir}"], capsys)[0] == 0
+    for name in ("results.json", "accuracy_matrix.csv", "summary.md", "accuracy_curve.png", "task_02.pt"):
+        assert name in written, name
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """Deterministic counterpart of the kill test: the write raises after half the bytes."""
+    from clcli.results import atomic_write_text
+
+    target = tmp_path / "results.json"
+    atomic_write_text(target, '{"old": true}')
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, json.dumps({"new": "x" * 1000}))
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
