@@ -305,7 +305,7 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
     sizes = [len(str(v).split(",")) for v in cfg.hydra.sweeper.params.values()]
     assert len(jobs) == int(np.prod(sizes)) and len({tuple(j) for j in jobs}) == len(jobs)
     seeds = {int(o.split("=")[1]) for j in jobs for o in j if o.startswith("seed=")}
-    assert seeds == ({1993, 1996} if sweep == "smoke" else SEEDS)
+    assert seeds == ({1993, 1996} if sweep in ("smoke", "slca_lr_curve_offline") else SEEDS)
     experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("+experiment=")}
     assert experiments <= set(EXPERIMENTS)
     if sweep.startswith("slca_lr_curve"):  # the learning-rate figure: methods x representation lrs
