@@ -78,16 +78,15 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
     with rt.live():
         for task in rt.track(scenario.tasks[start:], "tasks", total=len(scenario) - start):
             seed_everything(train_seed * 1000 + task.index)  # per task: resume draws the same numbers
-            rt.task_index, t, stage = task.index, {"task": task.index}, "train"
+            rt.task_index, t = task.index, {"task": task.index}
+            stages = {"train": lambda: (method.begin_task(task), method.train_task(task)),
+                      "end_task": lambda: method.end_task(task),
+                      "eval": lambda: evaluate(method, scenario, task.index, matrix, rt)}
             try:
-                tick = time.perf_counter()
-                method.begin_task(task)
-                method.train_task(task)
-                t["train_s"], tick, stage = time.perf_counter() - tick, time.perf_counter(), "end_task"
-                method.end_task(task)
-                t["end_task_s"], tick, stage = time.perf_counter() - tick, time.perf_counter(), "eval"
-                evaluate(method, scenario, task.index, matrix, rt)
-                t["eval_s"] = time.perf_counter() - tick
+                for stage, work in stages.items():  # timings: train_s, end_task_s, eval_s
+                    tick = time.perf_counter()
+                    work()
+                    t[f"{stage}_s"] = time.perf_counter() - tick
             except DivergenceError as exc:  # a training outcome: record where and why, keep what is done
                 status = "diverged"
                 failure = {"task": task.index, "task_name": task.name, "stage": stage, **exc.details, "message": str(exc)}
