@@ -33,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices). Called at the start of every task with
-    ``train_seed + task_index`` so a resumed run draws exactly what an uninterrupted one draws."""
+    ``train_seed * 1000 + task_index`` so a resumed run draws exactly what an uninterrupted one draws."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

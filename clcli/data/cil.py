@@ -137,7 +137,7 @@ def cars196(root: str) -> ImageFolderSource:
     return ImageFolderSource(
         root, "cars196", 196,
         "Prepare Stanford Cars (car_ims/ + cars_annos.mat) into train/<class_name>/ and "
-        "val/<class_name>/ folders as SLCA's split_car.py does (README: 'Preparing Cars-196'); "
+        "val/<class_name>/ folders as SLCA's split_car.py does (docs/slca_protocol.md, 'Preparing Cars-196'); "
         "note the reference recipe puts the official *test* images in train/ (spec §2.1).",
     )
 
