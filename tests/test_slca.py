@@ -15,6 +15,7 @@ from clcli.models.heads import TaskHeads
 from clcli.models.timm_backbone import TimmBackbone
 from clcli import optim as optim_lib
 
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "weight_decay": 5e-4}  # optim/optimizer/sgd
 CA = dict(enabled=True, epochs=2, samples_per_class=16, lr=0.01, momentum=0.9, weight_decay=5e-4,
           logit_norm_tau=0.1, mean_scaling=True, buggy_task_id=True)
 
@@ -27,7 +28,7 @@ def _setup(ca=CA, lr_rep=1e-3):
     tr, te = build_transforms("upscale", bb)
     sc = build_class_incremental(src, name="s", initial_increment=2, increment=2, class_order_seed=1993,
                                  shuffle_classes=True, train_transform=tr, test_transform=te)
-    optim = OmegaConf.create(dict(lr=dict(representation=lr_rep, classifier=0.05), momentum=0.9, weight_decay=5e-4,
+    optim = OmegaConf.create(dict(lr=dict(representation=lr_rep, classifier=0.05), optimizer=SGD,
                                   epochs=2, batch_size=8, schedule="multistep", milestones=[1], gamma=0.1))
     # chance_loss_ratio=0: two epochs on 16 images need not beat chance; these tests check mechanics
     m = SLCA(bb, optim, Runtime(chance_loss_ratio=0.0), ca=ca, stats=dict(ridge=1e-4, batch_size=8))

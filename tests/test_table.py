@@ -166,7 +166,7 @@ def test_mtil_headline_and_per_dataset_tables():
         per = {"transfer": [None, 80 + shift, 40 + shift], "avg": [30.0, 85.0, 50.0 + shift], "last": [35.0, 90.0, 60.0]}
         return {"run": {"method": "zeroshot", "data": "mtil", "backbone": "clip"}, "seed": seed,
                 "metrics": {"transfer": 60 + shift, "avg": 55.0, "last": 61.7, "per_dataset": per},
-                "scenario": {"kind": T.MTIL_KIND}, "tasks": [{"name": n} for n in names],
+                "scenario": {"kind": "domain_class_incremental"}, "tasks": [{"name": n} for n in names],
                 "accuracy_matrix": [[30.0, 80.0, 40.0], [30.0, 85.0, 50.0], [35.0, 90.0, 60.0]], "config": {"seed": seed},
                 "paper": {"transfer": 69.4, "per_dataset": {"transfer": [None, 88.4, 44.6]}}, "_path": str(seed)}
 
@@ -260,7 +260,7 @@ def test_experiment_composes_with_a_paper_block(experiment):
     assert cfg.optim.schedule != "multistep" or all(0 < m <= cfg.optim.epochs for m in cfg.optim.milestones)
     paper = cfg.paper
     assert paper.get("source") or paper.get("note"), "paper: needs a source or a note"
-    metrics = set(T.HEADLINE["class_incremental"] if experiment.startswith("slca/") else T.HEADLINE[T.MTIL_KIND])
+    metrics = set(T.headline_metrics("class_incremental" if experiment.startswith("slca/") else "domain_class_incremental"))
     values = {k: v for k, v in paper.items() if k in metrics}
     assert values, "paper: names the table's metrics (null where not available)"
     assert set(paper.get("unverified") or []) <= {k for k, v in values.items() if v is not None}
