@@ -9,6 +9,7 @@ from clcli.data.scenario import build_class_incremental
 from clcli.data.synthetic import SyntheticSource
 from clcli.data.transforms import build_transforms
 from clcli.engine import Runtime
+from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
 from clcli.methods.slca import SLCA, ca_mean_scale, logit_norm_loss
 from clcli.models.heads import TaskHeads
@@ -198,3 +199,11 @@ def test_frozen_backbone_never_changes():
     assert not any(p.requires_grad for p in m.backbone.parameters())
     for k, v in m.backbone.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_the_constructor_runs_slcas_own_checks():
+    with pytest.raises(ConfigError) as info:
+        _setup(ca={**{k: v for k, v in CA.items() if k != "samples_per_class"}, "samples_per_clas": 16})
+    assert any("method.ca.samples_per_clas: unknown key" in p and "Did you mean method.ca.samples_per_class?" in p
+               for p in info.value.problems)
+    assert any(p.startswith("method.ca.samples_per_class: missing") for p in info.value.problems)
