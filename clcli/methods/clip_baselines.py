@@ -33,7 +33,7 @@ log = logging.getLogger("clcli")
 
 def not_positive(cfg, key: str) -> bool:
     """Whether ``cfg.<key>`` is a number <= 0. Missing values and non-numbers are ``check_config``'s to
-    report (``_num``); a method's ``config_problems`` only adds what is specific to it."""
+    report (``select_number``); a method's ``config_problems`` only adds what is specific to it."""
     try:
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
     except Exception:  # noqa: BLE001 - missing (???) or a broken interpolation
