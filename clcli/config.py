@@ -29,8 +29,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FREE_KEYS = ("paper",)  # an experiment's metadata (`clcli table` prints it): any keys
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 # Constructor arguments the training loop passes itself, never config keys: component -> (args, what sets them).
-PASSED_ARGS = {"method": (("backbone", "optim", "runtime"), "the training loop passes it"),
-               "optim.optimizer": (OPTIMIZER_ARGS, "the learning rates are optim.lr.representation / optim.lr.classifier")}
+PASSED_ARGS = {
+    "method": (("backbone", "optim", "runtime"), "the training loop passes it"),
+    "optim.optimizer": (OPTIMIZER_ARGS, "the learning rates are optim.lr.representation / optim.lr.classifier"),
+}
 
 
 # ----------------------------------------------------------------------------------- helpers

@@ -506,7 +506,8 @@ def per_dataset_tables(groups: list[Group]) -> list[TextTable]:
                 if paper is not None:
                     mark = UNVERIFIED_MARK if g.paper_unverified(m) else ""
                     rows.append([g.label, f"{m} paper", *[DASH if v is None else f"{v:.1f}{mark}" for v in paper]])
-        title = f"{kind_title(gs[0].kind)} per dataset ({len(names)} datasets, training order): mean ± sample std over seeds"
+        title = (f"{kind_title(gs[0].kind)} per dataset ({len(names)} datasets, training order): "
+                 "mean ± sample std over seeds")
         tables.append(TextTable(title, ["group", "metric", *names], rows, sections=sections[1:]))
     return tables
 

@@ -281,7 +281,8 @@ def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_pa
 
     cfg = compose_cfg(["method=diki", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
     assert cfg.backbone.model_name == "ViT-B-16-quickgelu" and "classifier" not in cfg.optim.lr
-    assert cfg.optim.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0, "weight_decay": 0.0}
+    assert cfg.optim.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0,
+                                   "weight_decay": 0.0}
     assert cfg.optim.lr.representation == 5.0 and cfg.optim.schedule == "cosine_steps" and cfg.optim.epochs == 10
     assert cfg.method.n_tokens == 8 and cfg.method.calibration.scale == 512.0
     data_obj = instantiate(cfg.data)

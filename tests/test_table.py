@@ -270,7 +270,8 @@ def test_experiment_composes_with_a_paper_block(experiment):
     assert _key_problems(cfg) == []
     paper = cfg.paper
     assert paper.get("source") or paper.get("note"), "paper: needs a source or a note"
-    metrics = set(T.headline_metrics("class_incremental" if experiment.startswith("slca/") else "domain_class_incremental"))
+    kind = "class_incremental" if experiment.startswith("slca/") else "domain_class_incremental"
+    metrics = set(T.headline_metrics(kind))
     values = {k: v for k, v in paper.items() if k in metrics}
     assert values, "paper: names the table's metrics (null where not available)"
     assert set(paper.get("unverified") or []) <= {k for k, v in values.items() if v is not None}

@@ -537,7 +537,8 @@ MTIL_ORDER_I: tuple[str, ...] = (
     "aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers",
     "food", "mnist", "oxford_pet", "cars", "sun397",
 )
-# Order II = order I permuted by [9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2] (ZSCL ``results.ipynb::statistics()``, same as DIKI).
+# Order II = order I permuted by [9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2] (ZSCL ``results.ipynb::statistics()``,
+# same as DIKI).
 MTIL_ORDER_II: tuple[str, ...] = (
     "cars", "food", "mnist", "oxford_pet", "flowers", "sun397",
     "aircraft", "caltech101", "dtd", "eurosat", "cifar100",
