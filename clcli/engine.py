@@ -203,8 +203,14 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
 
     ``step`` returns the mean over its batch (plus batch-independent terms): a multi-process run
     averages the ranks' gradients weighted by their sample counts, which is then the gradient of the
-    global batch's mean loss (``clcli.distributed``); the guard sees that global loss on every rank."""
+    global batch's mean loss (``clcli.distributed``); the guard sees that global loss on every rank.
+
+    ``precision=fp16`` autocast scales the loss (:class:`torch.amp.GradScaler`), so that small fp16
+    gradients do not flush to zero, and skips a step whose gradients overflowed; parameters that are
+    themselves fp16 (DIKI's reference residuals) train as the reference does, unscaled."""
     guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16 and all(
+        p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"]))
     history = []
     for epoch in rt.track(range(epochs), f"{where} epochs"):
         if train_mode is not None:
@@ -219,12 +225,13 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
                     x, y = rt.images(x), y.to(rt.device, non_blocking=True)
                     with rt.autocast():
                         loss = step(x, y)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     n = len(y)
                 # multi-process: gradients of the global batch's mean loss; its value and size
                 value, n = distributed.average_gradients(optimizer, loss, n)
                 guard.check(value, epoch, i)
-                optimizer.step()
+                scaler.step(optimizer)  # without fp16: optimizer.step()
+                scaler.update()
                 if scheduler is not None and getattr(scheduler, "per_step", False):
                     scheduler.step()
                 total, count = total + value * n, count + n

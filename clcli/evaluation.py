@@ -8,13 +8,10 @@ rounded to 2 decimals first. MTIL metrics follow ZSCL/DIKI (spec diki_mtil.md §
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+from typing import Callable
 
-# The headline metrics of each scenario kind (``Scenario.kind``), in the papers' column order.
-HEADLINE_METRICS = {
-    "class_incremental": ("last_acc", "inc_acc", "forgetting"),
-    "domain_class_incremental": ("transfer", "avg", "last"),
-}
+import numpy as np
 
 
 class AccuracyMatrix:
@@ -104,3 +101,47 @@ def cil_metrics(matrix: AccuracyMatrix) -> dict:
         "forgetting": forgetting(matrix.percent()),
         "seen_acc": [float(v) for v in seen],
     }
+
+
+@dataclass(frozen=True)
+class ScenarioKind:
+    """What a scenario kind means everywhere it matters: which tasks are evaluated and over which
+    labels, its metrics, its headline columns, and how tables and plots name it. ``name`` is the
+    ``scenario.kind`` string of results.json (old files keep loading: the strings never change)."""
+
+    name: str
+    title: str                     # table/plot titles
+    headline: tuple[str, ...]      # headline metrics, in the papers' column order
+    metrics: Callable[["AccuracyMatrix"], dict]
+    evaluates_future_tasks: bool   # after task t: every task (zero-shot transfer) or the seen ones
+    task_label_space: bool         # a test image is classified over its own task's classes, else over all seen
+    per_dataset: bool              # per-task metric lists (metrics.per_dataset): tables and curves per task
+    curve_label: str               # y label of the accuracy-after-each-task curve of a group of runs
+    rank: int                      # order of the kinds in tables and figures
+
+
+CLASS_INCREMENTAL = ScenarioKind(
+    name="class_incremental", title="Class-incremental", headline=("last_acc", "inc_acc", "forgetting"),
+    metrics=cil_metrics, evaluates_future_tasks=False, task_label_space=False, per_dataset=False,
+    curve_label="accuracy on seen classes (%)", rank=0)
+DOMAIN_CLASS_INCREMENTAL = ScenarioKind(
+    name="domain_class_incremental", title="MTIL", headline=("transfer", "avg", "last"),
+    metrics=lambda m: mtil_metrics(m.percent()), evaluates_future_tasks=True, task_label_space=True,
+    per_dataset=True, curve_label="mean accuracy, all datasets (%)", rank=1)
+SCENARIO_KINDS = {k.name: k for k in (CLASS_INCREMENTAL, DOMAIN_CLASS_INCREMENTAL)}
+
+
+def scenario_kind(name: str | None) -> ScenarioKind:
+    """The kind named ``name`` (``scenario.kind`` of a results file); class-incremental for a name
+    this version does not know, as results without a known kind were always read."""
+    return SCENARIO_KINDS.get(name, CLASS_INCREMENTAL)  # type: ignore[arg-type]
+
+
+def outcome_metrics(kind: ScenarioKind, matrix: AccuracyMatrix, finished: int) -> dict:
+    """``metrics`` of a complete run. A run that stopped early has its headline metrics null (no
+    table averages a run that did not finish) and ``partial_metrics``: the same metrics over the
+    tasks it finished, as if the scenario had ended there (null when none finished)."""
+    if finished == matrix.num_tasks:
+        return {"metrics": kind.metrics(matrix)}
+    partial = kind.metrics(matrix.prefix(finished)) if finished else None
+    return {"metrics": {k: None for k in kind.headline}, "partial_metrics": partial, "finished_tasks": finished}

@@ -1,22 +1,45 @@
 """Optimizers and schedules built fresh for every task from ``cfg.optim``.
 
 Two learning rates: ``lr.representation`` (the backbone / adapted representation: SLCA's slow
-learner 1e-4, 0 freezes it) and ``lr.classifier`` (the heads, 1e-2). Schedules are stepped per
-epoch (``multistep``, ``cosine``, ``constant``) or per step (``cosine_steps``, DIKI's per-iteration
-cosine to ``final_lr_ratio·lr``).
+learner 1e-4, 0 freezes it) and ``lr.classifier`` (the heads, 1e-2; only methods with a classifier
+head read it). The optimizer itself is a config component, ``optim.optimizer`` (the ``optim/optimizer``
+group: ``sgd``, ``sgd_plain``, ``adamw``): a ``_partial_`` ``_target_`` called with the parameter
+groups and their learning rates, so its keys are its constructor's arguments and nothing else.
+Schedules are stepped per epoch (``multistep``, ``cosine``, ``constant``) or per step
+(``cosine_steps``, DIKI's per-iteration cosine to ``final_lr_ratio·lr``).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 SCHEDULES = ("multistep", "cosine", "constant", "cosine_steps")
+# The ``optim`` keys each schedule reads; ``check_config`` refuses one its schedule does not read.
+SCHEDULE_KEYS = {"multistep": ("milestones", "gamma"), "cosine": ("final_lr_ratio",),
+                 "cosine_steps": ("final_lr_ratio",), "constant": ()}
+# The keys of ``cfg.optim`` some code reads (``check_config`` refuses any other); ``optimizer`` is the
+# component node, checked against its ``_target_``'s signature. ``lr.classifier`` belongs to the
+# methods with a classifier head, which check it themselves.
+OPTIM_KEYS = ("lr.representation", "lr.classifier", "epochs", "batch_size", "schedule", "milestones", "gamma",
+              "final_lr_ratio", "optimizer")
+# Arguments of the optimizer the code passes itself (never config keys of ``optim.optimizer``).
+OPTIMIZER_ARGS = ("params", "lr")
+
+Groups = list[tuple[Iterable[torch.nn.Parameter], float]]
 
 
-def sgd(groups: list[tuple[Iterable[torch.nn.Parameter], float]], momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD over ``(params, lr)`` groups; groups with lr 0 or no trainable tensor are dropped."""
+def optimizer_factory(optim) -> Callable[..., torch.optim.Optimizer]:
+    """``optim.optimizer`` instantiated as a partial: call it with param groups (and ``lr``)."""
+    from hydra.utils import instantiate
+
+    return instantiate(optim.optimizer, _partial_=True)
+
+
+def build(factory: Callable[..., torch.optim.Optimizer], groups: Groups) -> torch.optim.Optimizer:
+    """``factory`` over ``(params, lr)`` groups; groups with lr 0 or no trainable tensor are dropped."""
     param_groups = []
     for params, lr in groups:
         params = [p for p in params if p.requires_grad]
@@ -24,7 +47,17 @@ def sgd(groups: list[tuple[Iterable[torch.nn.Parameter], float]], momentum: floa
             param_groups.append({"params": params, "lr": lr})
     if not param_groups:
         raise ValueError("nothing to optimize: every parameter group is empty or has lr 0")
-    return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
+    return factory(param_groups, lr=param_groups[0]["lr"])
+
+
+def make_optimizer(optim, groups: Groups) -> torch.optim.Optimizer:
+    """The run's optimizer (``optim.optimizer``) over ``(params, lr)`` groups, fresh for a task."""
+    return build(optimizer_factory(optim), groups)
+
+
+def sgd(groups: Groups, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD over ``(params, lr)`` groups (classifier alignment's own optimizer, ``method.ca``)."""
+    return build(functools.partial(torch.optim.SGD, momentum=momentum, weight_decay=weight_decay), groups)
 
 
 def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int,
@@ -45,3 +78,9 @@ def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
     sched.per_step = schedule == "cosine_steps"
     return sched
+
+
+def make_scheduler(optim, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """The run's schedule (``optim.schedule`` and its keys) for ``opt``."""
+    return scheduler(opt, optim.schedule, optim.epochs, steps_per_epoch, milestones=optim.get("milestones", ()),
+                     gamma=optim.get("gamma", 0.1), final_lr_ratio=optim.get("final_lr_ratio", 0.0))

@@ -21,7 +21,7 @@ import torch
 
 from clcli import distributed
 from clcli.errors import CheckpointError
-from clcli.evaluation import HEADLINE_METRICS
+from clcli.evaluation import scenario_kind
 
 CHECKPOINT_FORMAT = "clcli-checkpoint-v1"
 
@@ -58,10 +58,11 @@ RNG_PROTOCOL = 2
 
 
 def config_fingerprint(resolved: dict) -> str:
-    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches),
-    and of :data:`RNG_PROTOCOL`. ``eval`` stays in: DIKI's batch-wise task vote depends on the
+    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches,
+    nor the experiment's ``paper`` metadata: editing a note must not orphan its run dirs), and of
+    :data:`RNG_PROTOCOL`. ``eval`` stays in: DIKI's batch-wise task vote depends on the
     evaluation batch size."""
-    ignore = {"resume", "redo_diverged", "device", "loader", "checkpoint", "paths"}
+    ignore = {"resume", "redo_diverged", "device", "loader", "checkpoint", "paths", "paper"}
     relevant = {k: v for k, v in resolved.items() if k not in ignore}
     relevant["__rng_protocol__"] = RNG_PROTOCOL
     if isinstance(relevant.get("method"), dict):  # where features are cached never changes them
@@ -206,7 +207,7 @@ def headline(results: dict, partial: bool = False) -> dict[str, float | None]:
     m = results["metrics"]
     if partial and results.get("status", "complete") != "complete":
         m = results.get("partial_metrics") or {}
-    return {k: m.get(k) for k in HEADLINE_METRICS[results["scenario"]["kind"]]}
+    return {k: m.get(k) for k in scenario_kind(results["scenario"]["kind"]).headline}
 
 
 def outcome_lines(results: dict) -> list[str]:
@@ -258,7 +259,7 @@ def write_plots(run_dir: Path, results: dict) -> None:
     names = [t["name"] for t in results["tasks"]]
     T = len(names)
     fig, ax = plt.subplots(figsize=(6, 4))
-    if results["scenario"]["kind"] == "domain_class_incremental":
+    if scenario_kind(results["scenario"]["kind"]).per_dataset:
         for j in range(T):
             ax.plot(range(1, T + 1), mat[:, j], marker="o", label=names[j])
         ax.legend(fontsize=7, ncol=2)

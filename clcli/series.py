@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clcli.table import (DASH, MTIL_KIND, KIND_TITLE, Stat, TableError, TextTable, _canon, _fmt_value,
-                         _is_number, flatten, group_runs, headline_metrics, outcome_text, status_of)
+from clcli.table import (DASH, Stat, TableError, TextTable, _canon, _fmt_value, _is_number, flatten, group_runs,
+                         headline_metrics, kind_title, ordered_kinds, outcome_text, status_of)
 
 
 @dataclass
@@ -124,7 +124,7 @@ def log_axis(key: str, xs: list) -> bool:
 
 def series_table(series: list[Series], key: str) -> TextTable:
     """Rows = series × value of ``key``; per metric ``mean ± std (n=K)`` over the complete runs."""
-    kinds = sorted({s.kind for s in series}, key=lambda k: (k == MTIL_KIND, k))
+    kinds = ordered_kinds(s.kind for s in series)
     metrics = list(dict.fromkeys(m for k in kinds for m in headline_metrics(k)))
     rows = []
     for s in series:
@@ -137,7 +137,7 @@ def series_table(series: list[Series], key: str) -> TextTable:
 
 def series_csv(series: list[Series], key: str) -> str:
     """One row per series × value, raw numbers: ``<metric>_mean/_std/_n`` and run counts."""
-    kinds = sorted({s.kind for s in series}, key=lambda k: (k == MTIL_KIND, k))
+    kinds = ordered_kinds(s.kind for s in series)
     metrics = list(dict.fromkeys(m for k in kinds for m in headline_metrics(k)))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -163,7 +163,7 @@ def plot_series(series: list[Series], key: str, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    kinds = sorted({s.kind for s in series}, key=lambda k: (k == MTIL_KIND, k))
+    kinds = ordered_kinds(s.kind for s in series)
     ncols = max(len(headline_metrics(k)) for k in kinds)
     fig = Figure(figsize=(4.6 * ncols, 3.8 * len(kinds)))
     FigureCanvasAgg(fig)
@@ -199,7 +199,7 @@ def plot_series(series: list[Series], key: str, path: Path) -> None:
                 ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right", fontsize=7)
             ax.set_xlabel(key)
             ax.set_ylabel(f"{metric} (%)")
-            ax.set_title(f"{KIND_TITLE.get(kind, kind)}: {metric}", fontsize=9)
+            ax.set_title(f"{kind_title(kind)}: {metric}", fontsize=9)
             ax.grid(alpha=0.3)
         handles, labels = axes[r, 0].get_legend_handles_labels()
         if any(p.incomplete for s in series for p in s.points):

@@ -69,12 +69,8 @@ from typing import Any
 
 import numpy as np
 
-MTIL_KIND = "domain_class_incremental"  # scenario.kind of MTIL runs (clcli.data.scenario)
-HEADLINE = {
-    "class_incremental": ("last_acc", "inc_acc", "forgetting"),
-    MTIL_KIND: ("transfer", "avg", "last"),
-}
-KIND_TITLE = {"class_incremental": "Class-incremental", MTIL_KIND: "MTIL"}
+from clcli.evaluation import SCENARIO_KINDS, scenario_kind
+
 
 # Config keys that say *where/how* a run ran or *which repetition* it is, not *what* was run.
 IGNORED_CONFIG_KEYS = {"seed", "train_seed", "device", "resume", "redo_diverged", "paths", "loader", "checkpoint",
@@ -171,7 +167,18 @@ def outcome_text(runs: list[dict]) -> str:
 
 
 def headline_metrics(kind: str | None) -> tuple[str, ...]:
-    return HEADLINE[MTIL_KIND] if kind == MTIL_KIND else HEADLINE["class_incremental"]
+    """The headline metrics of a ``scenario.kind`` (:class:`clcli.evaluation.ScenarioKind`)."""
+    return scenario_kind(kind).headline
+
+
+def kind_title(kind: str) -> str:
+    known = SCENARIO_KINDS.get(kind)
+    return known.title if known is not None else kind
+
+
+def ordered_kinds(kinds) -> list[str]:
+    """Distinct scenario kinds in table order (class-incremental first)."""
+    return sorted(set(kinds), key=lambda k: (scenario_kind(k).rank, k))
 
 
 # ----------------------------------------------------------------------------------- grouping
@@ -351,8 +358,10 @@ def _determined_by_experiment(groups: list[Group], key: str) -> bool:
 
 
 def common_choices(groups: list[Group]) -> dict[str, str]:
+    """Choices shared by every group (the title); a nested group's choice (``optim/optimizer``) only
+    where it varies: its parent option already names it."""
     return {k: groups[0].choices.get(k) for k in _choice_keys(groups)
-            if len({g.choices.get(k) for g in groups}) == 1 and groups[0].choices.get(k) is not None
+            if len({g.choices.get(k) for g in groups}) == 1 and groups[0].choices.get(k) is not None and "/" not in k
             and not (k == "optim" and groups[0].choices.get("optim") == groups[0].choices.get("data"))}
 
 
@@ -396,7 +405,7 @@ def _value_key(v: Any) -> tuple:
 
 def _sort_key(g: Group) -> tuple:
     c = g.choices
-    return (0 if g.kind != MTIL_KIND else 1, str(c.get("backbone", "")), DATA_RANK.get(c.get("data"), 99),
+    return (scenario_kind(g.kind).rank, str(c.get("backbone", "")), DATA_RANK.get(c.get("data"), 99),
             str(c.get("data", "")), METHOD_RANK.get(c.get("method"), 50), str(c.get("method", "")),
             str(c.get("experiment", "")), _canon(c), tuple(_value_key(v) for v in g.config_diff.values()))
 
@@ -448,7 +457,7 @@ OUTCOME_NOTE = ("outcome: runs that did not finish (e.g. diverged k/n) are left 
 
 def _title(kind: str, groups: list[Group]) -> str:
     common = " ".join(f"{k}={v}" for k, v in common_choices(groups).items())
-    return f"{KIND_TITLE.get(kind, kind)} results" + (f" [{common}]" if common else "")
+    return f"{kind_title(kind)} results" + (f" [{common}]" if common else "")
 
 
 def headline_table(groups: list[Group], kind: str) -> TextTable:
@@ -482,14 +491,14 @@ def per_dataset_tables(groups: list[Group]) -> list[TextTable]:
     metric (mean ± std over seeds, 1 decimal as the MTIL papers), plus the paper's row where given."""
     by_tasks: dict[tuple, list[Group]] = {}
     for g in groups:
-        if g.kind == MTIL_KIND:
+        if scenario_kind(g.kind).per_dataset:
             by_tasks.setdefault(g.task_names, []).append(g)
     tables = []
     for names, gs in by_tasks.items():
         rows, sections = [], []
         for g in gs:
             sections.append(len(rows))
-            for m in HEADLINE[MTIL_KIND]:
+            for m in g.metrics:
                 stats = g.per_dataset(m)
                 cells = [stats[i].text(1, with_n=False) if i < len(stats) else DASH for i in range(len(names))]
                 rows.append([g.label, m, *cells])
@@ -497,13 +506,14 @@ def per_dataset_tables(groups: list[Group]) -> list[TextTable]:
                 if paper is not None:
                     mark = UNVERIFIED_MARK if g.paper_unverified(m) else ""
                     rows.append([g.label, f"{m} paper", *[DASH if v is None else f"{v:.1f}{mark}" for v in paper]])
-        title = f"MTIL per dataset ({len(names)} datasets, training order): mean ± sample std over seeds"
+        title = (f"{kind_title(gs[0].kind)} per dataset ({len(names)} datasets, training order): "
+                 "mean ± sample std over seeds")
         tables.append(TextTable(title, ["group", "metric", *names], rows, sections=sections[1:]))
     return tables
 
 
 def build_tables(groups: list[Group]) -> list[TextTable]:
-    kinds = sorted({g.kind for g in groups}, key=lambda k: (k == MTIL_KIND, k))
+    kinds = ordered_kinds(g.kind for g in groups)
     return [headline_table(groups, k) for k in kinds] + per_dataset_tables(groups)
 
 
@@ -582,10 +592,10 @@ def render_csv(groups: list[Group]) -> str:
     choices, seeds, per headline metric ``_mean/_std/_n/_paper/_paper_unverified/_diff``, MTIL
     per-dataset ``per_dataset.<metric>.<dataset>_mean/_std``, the paper's source and note."""
     choice_keys = _choice_keys(groups)
-    kinds = sorted({g.kind for g in groups}, key=lambda k: (k == MTIL_KIND, k))
+    kinds = ordered_kinds(g.kind for g in groups)
     metrics = list(dict.fromkeys(m for k in kinds for m in headline_metrics(k)))
-    pd_cols = list(dict.fromkeys((m, name) for g in groups if g.kind == MTIL_KIND
-                                 for m in HEADLINE[MTIL_KIND] for name in g.task_names))
+    pd_cols = list(dict.fromkeys((m, name) for g in groups if scenario_kind(g.kind).per_dataset
+                                 for m in g.metrics for name in g.task_names))
     header = ["group", "kind", *choice_keys, "config_diff", "seeds", "n_runs", "n_complete", "outcome"]
     for m in metrics:
         header += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_paper_unverified", f"{m}_diff"]
@@ -605,7 +615,7 @@ def render_csv(groups: list[Group]) -> str:
             s, p = g.stat(m), g.paper_value(m)
             row += [_num(s.mean), _num(s.std), s.n, _num(p), str(g.paper_unverified(m)).lower() if p is not None else "",
                     _num(s.mean - p) if p is not None and s.mean is not None else ""]
-        names = g.task_names if g.kind == MTIL_KIND else ()
+        names = g.task_names if scenario_kind(g.kind).per_dataset else ()
         for m, name in pd_cols:
             if name in names:
                 st = g.per_dataset(m)
@@ -637,7 +647,7 @@ def write_plot(groups: list[Group], path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    kinds = sorted({g.kind for g in groups}, key=lambda k: (k == MTIL_KIND, k))
+    kinds = ordered_kinds(g.kind for g in groups)
     n_max = max(sum(g.kind == k for g in groups) for k in kinds)
     height = max(3.5, 0.25 * n_max * 3 + 1.5)
     fig = Figure(figsize=(14, height * len(kinds)))
@@ -660,7 +670,7 @@ def write_plot(groups: list[Group], path: Path) -> None:
                 ax.plot(*zip(*pts), "kx", markersize=6, label="paper" if j == 0 else None)
         ax.set_yticks(y, [g.label for g in gs], fontsize=7)
         ax.set_xlabel("%")
-        ax.set_title(f"{KIND_TITLE.get(kind, kind)}: mean ± sample std over seeds", fontsize=9)
+        ax.set_title(f"{kind_title(kind)}: mean ± sample std over seeds", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         ax = axes[r, 1]
@@ -672,7 +682,7 @@ def write_plot(groups: list[Group], path: Path) -> None:
                 ax.fill_between(x, mean - std, mean + std, alpha=0.15)
         ax.set_xlabel("after task")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy on seen classes (%)" if kind != MTIL_KIND else "mean accuracy, all datasets (%)")
+        ax.set_ylabel(scenario_kind(kind).curve_label)
         ax.grid(alpha=0.3)
         if len(gs) <= 16:
             ax.legend(fontsize=6)

@@ -19,9 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from clcli import distributed
 from clcli.config import PRECISIONS, check_config
 from clcli.engine import Runtime, apply_perf_options, evaluate, loader_workers, resolve_device, seed_everything
-from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL
 from clcli.errors import ConfigError, DivergenceError
-from clcli.evaluation import HEADLINE_METRICS, AccuracyMatrix, cil_metrics, mtil_metrics
+from clcli.evaluation import AccuracyMatrix
 from clcli.results import RunStore, config_fingerprint, environment, write_outputs
 from clcli.summary import print_summary
 
@@ -109,7 +108,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
         "run": dict(choices),
         "seed": cfg.seed,
         "train_seed": train_seed,
-        **outcome_metrics(scenario.kind, matrix, finished=len(timings)),
+        **scenario.metrics(matrix, finished=len(timings)),
         "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix.percent()],
         "counts": matrix.state_dict(),
         "class_order": scenario.class_order,
@@ -127,16 +126,3 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
         print_summary(results, rt.console)
     return results
 
-
-def outcome_metrics(kind: str, matrix: AccuracyMatrix, finished: int) -> dict:
-    """``metrics`` of a complete run. A run that stopped early has its headline metrics null (no
-    table averages a run that did not finish) and ``partial_metrics``: the same metrics over the
-    tasks it finished, as if the scenario had ended there (null when none finished)."""
-    def metrics_of(m: AccuracyMatrix) -> dict:
-        return mtil_metrics(m.percent()) if kind == DOMAIN_CLASS_INCREMENTAL else cil_metrics(m)
-
-    if finished == matrix.num_tasks:
-        return {"metrics": metrics_of(matrix)}
-    partial = metrics_of(matrix.prefix(finished)) if finished else None
-    return {"metrics": {k: None for k in HEADLINE_METRICS[kind]}, "partial_metrics": partial,
-            "finished_tasks": finished}

@@ -37,9 +37,9 @@ from clcli.evaluation import AccuracyMatrix
 from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
 
-OPTIM = {"name": "sgd", "lr": {"representation": 5.0, "classifier": 5.0}, "momentum": 0.0, "weight_decay": 0.0,
-         "epochs": 1, "batch_size": 32, "schedule": "cosine_steps", "milestones": [], "gamma": 0.1,
-         "final_lr_ratio": 1.0e-3}
+OPTIM = {"lr": {"representation": 5.0},
+         "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0, "weight_decay": 0.0},
+         "epochs": 1, "batch_size": 32, "schedule": "cosine_steps", "final_lr_ratio": 1.0e-3}
 
 
 def register_arch(width: int, layers: int, image_size: int, patch: int) -> str:

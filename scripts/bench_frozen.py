@@ -34,7 +34,8 @@ from clcli.evaluation import AccuracyMatrix
 from clcli.methods.slca import SLCA
 from clcli.models.timm_backbone import TimmBackbone
 
-OPTIM = {"name": "sgd", "lr": {"representation": 0.0, "classifier": 0.05}, "momentum": 0.9, "weight_decay": 5e-4,
+OPTIM = {"lr": {"representation": 0.0, "classifier": 0.05},
+         "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "weight_decay": 5e-4},
          "epochs": 1, "batch_size": 32, "schedule": "multistep", "milestones": [1], "gamma": 0.1}
 METHOD = {"ca": {"enabled": False}, "stats": {"ridge": 1e-4, "batch_size": 64}}
 

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from clcli.config import check_config
+from clcli.config import check_config, target_class
+from clcli.models.clip import ClipBackbone
+from clcli.models.timm_backbone import TimmBackbone
 from conftest import CONF, compose
 
 FOLDER_DATASETS = {"split_imagenet_r": ("imagenet-r", 200), "split_cub200": ("cub_200", 200),
@@ -23,7 +25,15 @@ def _fake_layouts(root: Path) -> None:
 
 
 def _needs_clip(name: str) -> bool:
-    return "requires_backbone: clip" in (CONF / "method" / f"{name}.yaml").read_text()
+    """The method says so itself: its config_problems refuse a timm backbone."""
+    cfg = compose([f"method={name}"])
+    keys = {k: v for k, v in cfg.method.items() if k != "_target_"}
+    return any("needs a CLIP backbone" in p
+               for p in target_class(cfg.method._target_).config_problems(cfg.optim, TimmBackbone, **keys))
+
+
+def _clip_backbone(name: str) -> bool:
+    return issubclass(target_class(compose([f"backbone={name}"]).backbone._target_), ClipBackbone)
 
 
 def _clip_data(name: str) -> bool:
@@ -36,7 +46,7 @@ def _base(tmp_path: Path) -> list[str]:
     return [f"paths.data_dir={tmp_path}", "device=cpu", f"++backbone.checkpoint_path={ckpt}"]
 
 
-@pytest.mark.parametrize("group", ["data", "backbone", "method"])
+@pytest.mark.parametrize("group", ["data", "backbone", "method", "optim", "optim/optimizer"])
 def test_every_option_composes_and_validates(tmp_path, group):
     _fake_layouts(tmp_path)
     for opt in options(group):
@@ -45,8 +55,10 @@ def test_every_option_composes_and_validates(tmp_path, group):
             overrides += ["backbone=tiny_clip", "data=synthetic_mtil"]
         if group == "data" and _clip_data(opt):
             overrides += ["backbone=tiny_clip", "method=zeroshot"]
-        if group == "backbone" and "kind: clip" in (CONF / "backbone" / f"{opt}.yaml").read_text():
+        if group == "backbone" and _clip_backbone(opt):
             overrides += ["method=zeroshot", "data=synthetic_mtil"]
+        if group == "optim" and "mtil" in opt:  # DIKI's schedule: no classifier lr
+            overrides += ["method=diki", "backbone=tiny_clip", "data=synthetic_mtil"]
         cfg = compose(overrides + _base(tmp_path))
         if group == "backbone" and "checkpoint_path" not in cfg.backbone:
             continue
@@ -69,7 +81,8 @@ def test_default_config_is_slca_digits_efficientnet():
 def test_spec_hyper_parameters_are_config_keys():
     cfg = compose(["data=split_cifar100", "backbone=vit_b16_in21k"])
     o, ca = cfg.optim, cfg.method.ca
-    assert (o.lr.representation, o.lr.classifier, o.momentum, o.weight_decay, o.batch_size) == (1e-4, 1e-2, 0.9, 5e-4, 128)
+    assert (o.lr.representation, o.lr.classifier, o.batch_size) == (1e-4, 1e-2, 128)
+    assert o.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "weight_decay": 5e-4}
     assert (o.epochs, list(o.milestones), o.schedule) == (20, [18], "multistep")
     assert (ca.epochs, ca.samples_per_class, ca.lr, ca.logit_norm_tau) == (5, 256, 0.01, 0.1)
     assert cfg.method.stats.ridge == 1e-4
@@ -87,3 +100,44 @@ def test_method_variants_set_the_learning_rates():
     assert compose(["method=joint"]).method.joint
     # a command-line override still wins over the method's choice
     assert compose(["method=seq_ft", "optim.lr.representation=0.003"]).optim.lr.representation == 0.003
+
+
+def test_optim_options_carry_only_keys_their_schedule_and_optimizer_read():
+    from clcli.optim import SCHEDULE_KEYS
+
+    schedule_keys = {k for keys in SCHEDULE_KEYS.values() for k in keys}
+    for opt in options("optim"):
+        o = compose([f"optim={opt}"]).optim
+        assert not {"name", "momentum", "weight_decay"} & set(o), opt  # the optimizer component's business
+        assert schedule_keys & set(o) == set(SCHEDULE_KEYS[o.schedule]), opt
+        assert ("classifier" in o.lr) == (not opt.startswith("mtil") and opt != "synthetic_mtil"), opt
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    (["+optim.lrr=3"], "optim.lrr: unknown key, nothing reads it. Did you mean optim.lr?"),
+    (["+method.ca.foo=1"], "method.ca.foo: unknown key, nothing reads it."),
+    (["+method.jiont=true"], "method.jiont: unknown key, nothing reads it. Did you mean method.joint?"),
+    (["+optim.name=adam"], "optim.name: unknown key, nothing reads it."),
+    (["+seeed=3"], "seeed: unknown key, nothing reads it. Did you mean seed?"),
+    (["+perf.tf33=true"], "perf.tf33: unknown key, nothing reads it. Did you mean perf.tf32?"),
+    (["+backbone.kind=clip"], "backbone.kind: unknown key, nothing reads it."),
+    (["+data.source.sead=1"], "data.source.sead: unknown key, nothing reads it. Did you mean data.source.seed?"),
+    (["+optim.optimizer.nesterof=true"], "Did you mean optim.optimizer.nesterov?"),
+    (["+optim.optimizer.lr=0.1"], "optim.optimizer.lr: not a config key (the learning rates are optim.lr."),
+    (["optim.schedule=cosine"], "optim.milestones: not read by optim.schedule=cosine (only by multistep)"),
+    (["~optim.milestones"], "optim.milestones: optim.schedule=multistep needs"),
+    (["optim.optimizer.momentum=-1"], "optim.optimizer: torch.optim.SGD refuses its arguments"),
+    (["optim/optimizer=adamw", "+optim.optimizer.momentum=0.9"], "optim.optimizer.momentum: unknown key"),
+    (["method.ca.lr=0"], "method.ca.lr: must be > 0, got 0."),
+    (["method.stats.ridge=0"], "method.stats.ridge: must be > 0, got 0."),
+    (["~method.ca.epochs"], "method.ca.epochs: missing; classifier alignment (method.ca.enabled) needs it."),
+    (["~optim.lr.classifier"], "optim.lr.classifier: SLCA trains its heads with it, but it is not set"),
+])
+def test_unknown_and_unused_keys_are_named(overrides, problem):
+    problems = check_config(compose(["data=synthetic", "backbone=tiny_vit", "device=cpu", *overrides]))
+    assert any(problem in p for p in problems), problems
+
+
+def test_what_a_disabled_alignment_does_not_read_is_not_required():
+    cfg = compose(["data=synthetic", "backbone=tiny_vit", "device=cpu", "method=slow_learner", "~method.ca.epochs"])
+    assert check_config(cfg) == []

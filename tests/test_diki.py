@@ -35,9 +35,9 @@ from clcli.methods.diki import DIKI, calibrate, calibration_weight, majority_tas
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 OPTIM = {  # conf/optim/mtil.yaml with a short schedule
-    "name": "sgd", "lr": {"representation": 5.0, "classifier": 5.0}, "momentum": 0.0, "weight_decay": 0.0,
-    "epochs": 1, "batch_size": 32, "schedule": "cosine_steps", "milestones": [], "gamma": 0.1,
-    "final_lr_ratio": 1.0e-3,
+    "lr": {"representation": 5.0},
+    "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0, "weight_decay": 0.0},
+    "epochs": 1, "batch_size": 32, "schedule": "cosine_steps", "final_lr_ratio": 1.0e-3,
 }
 
 
@@ -280,7 +280,9 @@ def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_pa
     from hydra.utils import instantiate
 
     cfg = compose_cfg(["method=diki", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
-    assert cfg.backbone.kind == "clip" and cfg.backbone.model_name == "ViT-B-16-quickgelu"
+    assert cfg.backbone.model_name == "ViT-B-16-quickgelu" and "classifier" not in cfg.optim.lr
+    assert cfg.optim.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0,
+                                   "weight_decay": 0.0}
     assert cfg.optim.lr.representation == 5.0 and cfg.optim.schedule == "cosine_steps" and cfg.optim.epochs == 10
     assert cfg.method.n_tokens == 8 and cfg.method.calibration.scale == 512.0
     data_obj = instantiate(cfg.data)
@@ -295,9 +297,30 @@ def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_pa
         assert check_config(cfg2) == problems
 
 
-def test_clip_methods_refuse_timm_backbones():
-    cfg = compose_cfg(["method=diki", "data=synthetic_mtil", "backbone=tiny_vit"])
-    assert any("needs a clip backbone" in p for p in check_config(cfg))
+@pytest.mark.parametrize("method", ["diki", "zeroshot", "clip_ft"])
+def test_clip_methods_refuse_timm_backbones_and_a_classifier_lr(method):
+    cfg = compose_cfg([f"method={method}", "data=synthetic_mtil", "backbone=tiny_vit"])
+    assert any(f"method={method} needs a CLIP backbone" in p and "TimmBackbone" in p for p in check_config(cfg))
+    if method != "zeroshot":  # zeroshot trains nothing: it reads no optim key at all
+        cfg = compose_cfg([f"method={method}", "data=synthetic_mtil", "backbone=tiny_clip", "+optim.lr.classifier=1"])
+        assert [p for p in check_config(cfg) if "classifier" in p] == [
+            f"optim.lr.classifier: method={method} has no classifier head (the prompts' text features classify), "
+            "so nothing reads it; remove it (~optim.lr.classifier)."]
+
+
+def test_clip_ft_trains_with_the_optimizer_component(tiny_clip):
+    from hydra.utils import get_class
+
+    from clcli import optim as optim_lib
+
+    cfg = compose_cfg(["method=clip_ft", "data=synthetic_mtil", "backbone=tiny_clip"])
+    assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and check_config(cfg) == []
+    cfg = compose_cfg(["method=clip_ft", "data=synthetic_mtil", "backbone=tiny_clip", "optim/optimizer=sgd_plain"])
+    assert cfg.optim.optimizer._target_ == "torch.optim.SGD"  # the command line wins over the method's choice
+    method = get_class(cfg.method._target_)(backbone=tiny_clip, optim=cfg.optim, runtime=Runtime())
+    opt = optim_lib.make_optimizer(cfg.optim, [([torch.nn.Parameter(torch.zeros(2))], 0.5)])
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.0
+    assert method.summary()["optimizer"] == "torch.optim.SGD"
 
 
 def test_few_shot_view_and_missing_data_errors(backbone, tmp_path):

@@ -29,9 +29,9 @@ from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-OPTIM = {"name": "sgd", "lr": {"representation": 5.0, "classifier": 5.0}, "momentum": 0.0, "weight_decay": 0.0,
-         "epochs": 1, "batch_size": 32, "schedule": "cosine_steps", "milestones": [], "gamma": 0.1,
-         "final_lr_ratio": 1.0e-3}
+OPTIM = {"lr": {"representation": 5.0},
+         "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0, "weight_decay": 0.0},
+         "epochs": 1, "batch_size": 32, "schedule": "cosine_steps", "final_lr_ratio": 1.0e-3}
 EVAL_BS = 10  # several batches per synthetic test set (24-40 images), partial last batches
 
 

@@ -300,3 +300,36 @@ def test_group_means_use_complete_runs_only():
     (g,) = group_runs([run(1, "complete", 80.0), run(2, "complete", 90.0), run(3, "diverged", 10.0)])
     assert g.stat("last_acc").mean == pytest.approx(85.0) and g.stat("last_acc").n == 2
     assert g.outcome == "diverged 1/3" and len(g.complete) == 2
+
+
+# ------------------------------------------------------------------------------------ precision and fingerprint
+
+
+def _tiny_update(amp_dtype, param_dtype=torch.float32) -> torch.Tensor:
+    """One SGD step (lr 1) from zero weights on a loss whose gradient (1e-9 per output) flushes to
+    zero in fp16 unless the loss is scaled."""
+    model = torch.nn.Linear(3, 2).to(param_dtype)
+    torch.nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = [(torch.ones(4, 3, dtype=param_dtype), torch.zeros(4, dtype=torch.long))]
+    fit(lambda x, y: model(x).float().sum() * 1e-9, loader, epochs=1, optimizer=opt, scheduler=None,
+        rt=Runtime(amp_dtype=amp_dtype, chance_loss_ratio=0.0), where="t", num_classes=2)
+    return model.weight.detach().float()
+
+
+def test_fp16_autocast_training_scales_the_loss():
+    expected = torch.full((2, 3), -4e-9)  # d(loss)/dw = 4 samples x 1e-9
+    assert torch.allclose(_tiny_update(None), expected, rtol=1e-6)  # fp32: nothing underflows
+    assert torch.allclose(_tiny_update(torch.float16), expected, rtol=1e-2)  # unscaled fp16 gradients: all 0
+    # fp16 parameters (DIKI's reference residuals) train unscaled, as the reference does: no unscale error
+    assert torch.equal(_tiny_update(torch.float16, param_dtype=torch.float16), torch.zeros(2, 3))
+
+
+def test_paper_metadata_is_not_part_of_the_resume_fingerprint():
+    from clcli.results import config_fingerprint
+
+    cfg = {"seed": 1993, "device": "cpu", "method": {"_target_": "x.Y", "feature_cache": "memory"},
+           "optim": {"lr": {"representation": 1e-4}}}
+    assert config_fingerprint(cfg) == "c65447ca6a2bbb2e"  # the same as before paper was left out
+    assert config_fingerprint({**cfg, "paper": {"note": "edited"}}) == config_fingerprint(cfg)
+    assert config_fingerprint({**cfg, "seed": 1996}) != config_fingerprint(cfg)

@@ -62,6 +62,13 @@ BAD = [
     ("ca-samples-zero", ["method.ca.samples_per_class=0"], 2, "method.ca.samples_per_class: must be >= 1"),
     ("unknown-transform", ["data.transform=fancy"], 2, "data.transform: unknown recipe 'fancy'"),
     ("unknown-key", ["optim.lr.backbone=1e-3"], 1, "Could not override 'optim.lr.backbone'"),
+    # a `+key=value` addition passes Hydra: clcli refuses every key no code reads, by name
+    ("added-unknown-key", ["+optim.lrr=3"], 2, "optim.lrr: unknown key, nothing reads it. Did you mean optim.lr?"),
+    ("added-unknown-nested-key", ["+method.ca.foo=1"], 2, "method.ca.foo: unknown key, nothing reads it."),
+    ("optimizer-name-is-gone", ["+optim.name=adam"], 2, "optim.name: unknown key, nothing reads it."),
+    ("optimizer-bad-argument", ["+optim.optimizer.betas=[0.9,0.99]"], 2, "optim.optimizer.betas: unknown key"),
+    ("schedule-key-not-read", ["optim.schedule=cosine"], 2, "optim.milestones: not read by optim.schedule=cosine"),
+    ("clip-method-on-timm", ["method=diki"], 2, "method=diki needs a CLIP backbone"),
     ("unknown-group-option", ["method=slcaa"], 1, "Could not find 'method/slcaa'"),
     ("missing-data-dir", ["data=split_cub200", "paths.data_dir={tmp}/nowhere"], 2, "cub_200/train"),
     ("missing-checkpoint-file", ["backbone=vit_b16_mocov3", "backbone.checkpoint_path={tmp}/none.pth"], 2,

@@ -87,3 +87,28 @@ def test_digits_source_split():
         assert (te.labels == c).sum() == round(0.3 * n_c)
     # fixed: a second object gives the same images; independent of the class-order seed
     assert np.array_equal(Digits().load("test").items, te.items)
+
+
+def test_the_scenario_kind_decides_evaluation_metrics_and_headline():
+    from clcli.data.scenario import CLASS_INCREMENTAL, DOMAIN_CLASS_INCREMENTAL, Scenario, Task
+    from clcli.evaluation import AccuracyMatrix, scenario_kind
+    from clcli.results import headline
+
+    tasks = [Task(i, f"t{i}", range(2 * i, 2 * i + 2), [], [], [], [], []) for i in range(2)]
+    cil, mtil = Scenario("c", CLASS_INCREMENTAL, tasks, []), Scenario("m", DOMAIN_CLASS_INCREMENTAL, tasks, [])
+    assert [t.index for t in cil.eval_tasks(0)] == [0] and [t.index for t in mtil.eval_tasks(0)] == [0, 1]
+    assert cil.candidates(0, tasks[0]) == range(0, 2) and cil.candidates(1, tasks[0]) == range(0, 4)
+    assert mtil.candidates(1, tasks[0]) == range(0, 2) and mtil.candidates(0, tasks[1]) == range(2, 4)
+    matrix = AccuracyMatrix(2)
+    for after, task, correct in ((0, 0, 9), (0, 1, 5), (1, 0, 8), (1, 1, 7)):
+        matrix.record(after, task, correct, 10)
+    assert cil.metrics(matrix, 2)["metrics"]["last_acc"] == 75.0
+    assert mtil.metrics(matrix, 2)["metrics"]["transfer"] == 50.0  # task 1 before it was trained
+    stopped = mtil.metrics(matrix, 1)  # a run that finished one task: null headline, partial metrics
+    assert stopped["metrics"] == {"transfer": None, "avg": None, "last": None} and stopped["finished_tasks"] == 1
+    # results.json keeps the kind's name; old files are read by it, an unknown kind as class-incremental
+    assert mtil.manifest()["kind"] == "domain_class_incremental"
+    assert scenario_kind("domain_class_incremental") is DOMAIN_CLASS_INCREMENTAL
+    assert scenario_kind("future_kind") is CLASS_INCREMENTAL
+    res = {"metrics": {"transfer": 1.0, "avg": 2.0, "last": 3.0}, "scenario": {"kind": "domain_class_incremental"}}
+    assert headline(res) == {"transfer": 1.0, "avg": 2.0, "last": 3.0}

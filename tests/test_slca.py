@@ -9,12 +9,14 @@ from clcli.data.scenario import build_class_incremental
 from clcli.data.synthetic import SyntheticSource
 from clcli.data.transforms import build_transforms
 from clcli.engine import Runtime
+from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
 from clcli.methods.slca import SLCA, ca_mean_scale, logit_norm_loss
 from clcli.models.heads import TaskHeads
 from clcli.models.timm_backbone import TimmBackbone
 from clcli import optim as optim_lib
 
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "weight_decay": 5e-4}  # optim/optimizer/sgd
 CA = dict(enabled=True, epochs=2, samples_per_class=16, lr=0.01, momentum=0.9, weight_decay=5e-4,
           logit_norm_tau=0.1, mean_scaling=True, buggy_task_id=True)
 
@@ -27,7 +29,7 @@ def _setup(ca=CA, lr_rep=1e-3):
     tr, te = build_transforms("upscale", bb)
     sc = build_class_incremental(src, name="s", initial_increment=2, increment=2, class_order_seed=1993,
                                  shuffle_classes=True, train_transform=tr, test_transform=te)
-    optim = OmegaConf.create(dict(lr=dict(representation=lr_rep, classifier=0.05), momentum=0.9, weight_decay=5e-4,
+    optim = OmegaConf.create(dict(lr=dict(representation=lr_rep, classifier=0.05), optimizer=SGD,
                                   epochs=2, batch_size=8, schedule="multistep", milestones=[1], gamma=0.1))
     # chance_loss_ratio=0: two epochs on 16 images need not beat chance; these tests check mechanics
     m = SLCA(bb, optim, Runtime(chance_loss_ratio=0.0), ca=ca, stats=dict(ridge=1e-4, batch_size=8))
@@ -197,3 +199,11 @@ def test_frozen_backbone_never_changes():
     assert not any(p.requires_grad for p in m.backbone.parameters())
     for k, v in m.backbone.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_the_constructor_runs_slcas_own_checks():
+    with pytest.raises(ConfigError) as info:
+        _setup(ca={**{k: v for k, v in CA.items() if k != "samples_per_class"}, "samples_per_clas": 16})
+    assert any("method.ca.samples_per_clas: unknown key" in p and "Did you mean method.ca.samples_per_class?" in p
+               for p in info.value.problems)
+    assert any(p.startswith("method.ca.samples_per_class: missing") for p in info.value.problems)

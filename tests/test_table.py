@@ -167,7 +167,7 @@ def test_mtil_headline_and_per_dataset_tables():
         per = {"transfer": [None, 80 + shift, 40 + shift], "avg": [30.0, 85.0, 50.0 + shift], "last": [35.0, 90.0, 60.0]}
         return {"run": {"method": "zeroshot", "data": "mtil", "backbone": "clip"}, "seed": seed,
                 "metrics": {"transfer": 60 + shift, "avg": 55.0, "last": 61.7, "per_dataset": per},
-                "scenario": {"kind": T.MTIL_KIND}, "tasks": [{"name": n} for n in names],
+                "scenario": {"kind": "domain_class_incremental"}, "tasks": [{"name": n} for n in names],
                 "accuracy_matrix": [[30.0, 80.0, 40.0], [30.0, 85.0, 50.0], [35.0, 90.0, 60.0]], "config": {"seed": seed},
                 "paper": {"transfer": 69.4, "per_dataset": {"transfer": [None, 88.4, 44.6]}}, "_path": str(seed)}
 
@@ -244,6 +244,15 @@ def _missing_options(experiment: str) -> list[str]:
     return missing
 
 
+def _key_problems(cfg) -> list[str]:
+    """check_config's problems other than missing datasets and weight files (not on this machine)."""
+    from clcli.config import check_config
+
+    owned = ("optim", "method", "backbone.", "seed", "train_seed", "precision", "device", "eval", "guard", "perf")
+    return [p for p in check_config(cfg) if "unknown key" in p
+            or (p.startswith(owned) and not p.startswith("backbone.checkpoint_path"))]
+
+
 def test_every_paper_table_cell_has_an_experiment():
     slca = {f"slca/{m}_{b}_{p}" for m in ("seq_ft", "slow_learner", "slca", "joint")
             for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
@@ -256,9 +265,11 @@ def test_experiment_composes_with_a_paper_block(experiment):
     assert not _missing_options(experiment), "the experiment selects options that do not exist"
     cfg = _compose([f"+experiment={experiment}"])
     assert cfg.optim.schedule != "multistep" or all(0 < m <= cfg.optim.epochs for m in cfg.optim.milestones)
+    assert _key_problems(cfg) == []
     paper = cfg.paper
     assert paper.get("source") or paper.get("note"), "paper: needs a source or a note"
-    metrics = set(T.HEADLINE["class_incremental"] if experiment.startswith("slca/") else T.HEADLINE[T.MTIL_KIND])
+    kind = "class_incremental" if experiment.startswith("slca/") else "domain_class_incremental"
+    metrics = set(T.headline_metrics(kind))
     values = {k: v for k, v in paper.items() if k in metrics}
     assert values, "paper: names the table's metrics (null where not available)"
     assert set(paper.get("unverified") or []) <= {k for k, v in values.items() if v is not None}
@@ -323,6 +334,8 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
             key, value = o.lstrip("+").split("=", 1)
             if key not in ("experiment", "method", "data", "backbone", "optim"):
                 assert str(OmegaConf.select(job, key)) == str(float(value) if "lr" in key else value), o
+    for job in jobs:  # every job's keys are read by some code (data and weights are not here)
+        assert _key_problems(_compose([f"+sweep={sweep}", *job])) == [], job
 
 
 def test_sweep_run_dirs_are_named_by_experiment_and_seed():

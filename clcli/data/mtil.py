@@ -20,8 +20,8 @@ ECCV 2024, arXiv 2407.05342):
   the train split (CoOp's ``get_lab2cname``). Names are stored *prompt-ready*: DIKI replaces ``_`` by a
   space after filling the template; we do it once, here, so ``template.format(c=name)`` is the prompt.
 * **Templates.** DIKI uses only each dataset's *first* template (no ensemble): ``SourceInfo.templates[0]``.
-* **Orders.** :data:`MTIL_ORDER_I`, :data:`MTIL_ORDER_II` (order I permuted by
-  :data:`MTIL_ORDER_II_PERMUTATION`), :data:`MTIL_FEWSHOT_DATASETS` (MTIL-FS, 8 datasets).
+* **Orders.** :data:`MTIL_ORDER_I`, :data:`MTIL_ORDER_II` (order I permuted by ZSCL's index list
+  9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2), :data:`MTIL_FEWSHOT_DATASETS` (MTIL-FS, 8 datasets).
 * **Few-shot.** :func:`few_shot` draws ``shots`` items per label with a dedicated seeded RNG (the
   reference uses the global ``random`` and, for CIFAR100 / MNIST, re-draws per construction).
 
@@ -537,8 +537,8 @@ MTIL_ORDER_I: tuple[str, ...] = (
     "aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers",
     "food", "mnist", "oxford_pet", "cars", "sun397",
 )
-# Order II = order I permuted by this index list (ZSCL ``results.ipynb::statistics()``, same as DIKI).
-MTIL_ORDER_II_PERMUTATION: tuple[int, ...] = (9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2)
+# Order II = order I permuted by [9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2] (ZSCL ``results.ipynb::statistics()``,
+# same as DIKI).
 MTIL_ORDER_II: tuple[str, ...] = (
     "cars", "food", "mnist", "oxford_pet", "flowers", "sun397",
     "aircraft", "caltech101", "dtd", "eurosat", "cifar100",

@@ -14,9 +14,9 @@ import numpy as np
 
 from clcli.data.base import Source, SplitData
 from clcli.data.images import ImageDataset
+from clcli.evaluation import CLASS_INCREMENTAL, DOMAIN_CLASS_INCREMENTAL, AccuracyMatrix, ScenarioKind, outcome_metrics
 
-CLASS_INCREMENTAL = "class_incremental"
-DOMAIN_CLASS_INCREMENTAL = "domain_class_incremental"
+__all__ = ["CLASS_INCREMENTAL", "DOMAIN_CLASS_INCREMENTAL", "Scenario", "ScenarioKind", "Task"]
 
 
 @dataclass
@@ -50,10 +50,11 @@ class Task:
 
 @dataclass
 class Scenario:
-    """An ordered list of tasks plus the rule for what is evaluated after each task."""
+    """An ordered list of tasks plus what its :class:`~clcli.evaluation.ScenarioKind` says: which tasks
+    are evaluated after each task, over which labels, and with which metrics."""
 
     name: str
-    kind: str
+    kind: ScenarioKind
     tasks: list[Task]
     class_order: list[int]  # source class ids in label order (CIL); [] where not meaningful
 
@@ -70,16 +71,16 @@ class Scenario:
     def eval_tasks(self, after: int) -> list[Task]:
         """Tasks evaluated after training task ``after``: the seen ones for class-incremental
         learning, all of them for MTIL (zero-shot transfer to future tasks is measured)."""
-        if self.kind == DOMAIN_CLASS_INCREMENTAL:
-            return list(self.tasks)
-        return self.tasks[: after + 1]
+        return list(self.tasks) if self.kind.evaluates_future_tasks else self.tasks[: after + 1]
 
     def candidates(self, after: int, task: Task) -> range:
         """Labels the prediction for ``task``'s test images is chosen from after training ``after``:
         all seen classes (class-incremental), or the evaluated dataset's own classes (MTIL)."""
-        if self.kind == DOMAIN_CLASS_INCREMENTAL:
-            return task.labels
-        return range(0, self.tasks[after].labels.stop)
+        return task.labels if self.kind.task_label_space else range(0, self.tasks[after].labels.stop)
+
+    def metrics(self, matrix: AccuracyMatrix, finished: int) -> dict:
+        """results.json's ``metrics`` (and ``partial_metrics`` when only ``finished`` tasks ran)."""
+        return outcome_metrics(self.kind, matrix, finished)
 
     def joint(self) -> "Scenario":
         """All tasks merged into one (joint training, the upper bound)."""
@@ -101,7 +102,7 @@ class Scenario:
         """What results.json records about the scenario (class order and per-task classes)."""
         return {
             "name": self.name,
-            "kind": self.kind,
+            "kind": self.kind.name,
             "class_order": list(map(int, self.class_order)),
             "tasks": [
                 {

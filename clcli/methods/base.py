@@ -45,9 +45,12 @@ class Method(Protocol):
     holds everything needed to continue after the last finished task (per-task checkpoints and
     resume); ``summary()`` returns facts worth recording in results.json (e.g. parameter counts).
 
-    Optionally, a static ``config_problems(optim, **method_keys) -> list[str]`` checks the method's
-    own keys without a backbone; ``clcli validate`` (``config.check_config``) and the constructor
-    both run it, so a bad key is reported before anything is loaded.
+    Optionally, a static ``config_problems(optim, backbone, **method_keys) -> list[str]`` checks what
+    the method owns without building anything: its own keys (nested ones too), the ``optim`` keys only
+    it reads (``lr.classifier`` for a method with heads), and the backbone *class* it is given (None
+    when unknown), e.g. CLIP methods refuse a timm backbone. ``clcli validate``
+    (``config.check_config``) and the constructor both run it, so a bad key is reported before
+    anything is loaded.
     """
 
     def prepare_scenario(self, scenario: Scenario) -> Scenario: ...

@@ -10,7 +10,8 @@ the text features of the class prompts are the classifier.
   the reference DIKI's Transfer should approach (spec §11.2).
 - :class:`ContinualCLIPFT` (``method=clip_ft``): the "Continual-FT" row — both encoders fine-tuned on
   each dataset in turn with CE over its classes, no protection against forgetting.
-- :class:`PromptBank`, :func:`cosine_logits`, :func:`require_clip`: shared with :mod:`clcli.methods.diki`.
+- :class:`PromptBank`, :func:`cosine_logits`, :func:`clip_problems`, :func:`classifier_lr_problems`: shared
+  with :mod:`clcli.methods.diki`.
 """
 from __future__ import annotations
 
@@ -30,12 +31,9 @@ from clcli.models.clip import ClipBackbone
 
 log = logging.getLogger("clcli")
 
-OPTIMIZERS = ("adamw", "sgd")
-
-
 def not_positive(cfg, key: str) -> bool:
     """Whether ``cfg.<key>`` is a number <= 0. Missing values and non-numbers are ``check_config``'s to
-    report (``_num``); a method's ``config_problems`` only adds what is specific to it."""
+    report (``select_number``); a method's ``config_problems`` only adds what is specific to it."""
     try:
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
     except Exception:  # noqa: BLE001 - missing (???) or a broken interpolation
@@ -43,13 +41,21 @@ def not_positive(cfg, key: str) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0
 
 
-def require_clip(backbone, method: str) -> None:
-    """CLIP methods need the text tower and the tokenizer: refuse anything else with the fix."""
-    if not isinstance(backbone, ClipBackbone):
-        raise ConfigError([
-            f"method={method} needs a CLIP backbone (backbone=clip_vit_b16 or backbone=tiny_clip), "
-            f"got {type(backbone).__name__}."
-        ])
+def clip_problems(backbone: type | None, method: str) -> list[str]:
+    """CLIP methods need the text tower and the tokenizer: a backbone class (``None``: unknown, not
+    checked here) that is not a :class:`ClipBackbone` is refused with the fix."""
+    if backbone is None or issubclass(backbone, ClipBackbone):
+        return []
+    return [f"method={method} needs a CLIP backbone (its prompts' text features classify): use "
+            f"backbone=clip_vit_b16 or backbone=tiny_clip, got {backbone.__name__}."]
+
+
+def classifier_lr_problems(optim, method: str) -> list[str]:
+    """A CLIP method has no classifier head: an ``optim.lr.classifier`` would be read by nothing."""
+    if "classifier" in (optim.get("lr") or {}):
+        return [f"optim.lr.classifier: method={method} has no classifier head (the prompts' text features "
+                "classify), so nothing reads it; remove it (~optim.lr.classifier)."]
+    return []
 
 
 def cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: float) -> torch.Tensor:
@@ -125,10 +131,10 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
     instead of once per stage (:class:`clcli.cache.FrozenEvalFeatures`).
     """
 
-    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
-                 feature_cache: str = "memory", feature_cache_dir: str | None = None):
-        require_clip(backbone, "zeroshot")
-        problems = self.config_problems(optim, feature_cache=feature_cache, feature_cache_dir=feature_cache_dir)
+    def __init__(self, backbone, optim, runtime: Runtime, feature_cache: str = "memory",
+                 feature_cache_dir: str | None = None):
+        problems = self.config_problems(optim, type(backbone), feature_cache=feature_cache,
+                                        feature_cache_dir=feature_cache_dir)
         if problems:
             raise ConfigError(problems)
         self.backbone = backbone.to(runtime.device)
@@ -138,9 +144,10 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
         self.frozen = FrozenEvalFeatures(FeatureCache(feature_cache, feature_cache_dir), self.backbone, runtime)
 
     @staticmethod
-    def config_problems(optim, *, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
-        """Problems of the method's keys (also run by ``clcli validate``)."""
-        return feature_cache_problems(feature_cache, feature_cache_dir)
+    def config_problems(optim, backbone=None, *, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
+        """Problems of the method's keys and backbone (also run by ``clcli validate``). It trains
+        nothing, so it reads nothing from ``optim``."""
+        return clip_problems(backbone, "zeroshot") + feature_cache_problems(feature_cache, feature_cache_dir)
 
     def image_features(self, batch: EvalBatch) -> torch.Tensor:
         return self.frozen(batch)
@@ -165,19 +172,17 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
     Per task: CE over the current dataset's classes with ``logit_scale · cos(image, prompt text)``,
     every encoder weight trainable (``exp(logit_scale)`` stays at the checkpoint's value), nothing
     done against forgetting. Learning rate ``optim.lr.representation`` (``conf/method/clip_ft.yaml``
-    sets 1e-5), schedule, epochs and batch size from ``cfg.optim``; the optimizer is
-    ``method.optimizer``: ``adamw`` (default; ``optim.weight_decay``, PyTorch's default betas) or
-    ``sgd`` (``optim.momentum``, ``optim.weight_decay``). A fresh optimizer every task.
+    sets 1e-5), schedule, epochs and batch size from ``cfg.optim``; the optimizer is ``optim.optimizer``
+    (``conf/method/clip_ft.yaml`` selects ``optim/optimizer=adamw``: PyTorch's default betas, no weight
+    decay). A fresh optimizer every task.
 
     Precision: an fp16 backbone (``backbone.precision=fp16``, DIKI's setting) is converted to fp32
     master weights here, because pure-fp16 full fine-tuning loses small updates; use
     ``precision=bf16`` (autocast) for speed. These hyper-parameters are ours, not ZSCL's protocol.
     """
 
-    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
-                 optimizer: str = "adamw"):
-        require_clip(backbone, "clip_ft")
-        problems = self.config_problems(optim, optimizer=optimizer)
+    def __init__(self, backbone, optim, runtime: Runtime):
+        problems = self.config_problems(optim, type(backbone))
         if problems:
             raise ConfigError(problems)
         if backbone.dtype != torch.float32:
@@ -187,17 +192,15 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
             if isinstance(getattr(backbone, "weights_identity", None), dict):  # results.json tells the truth
                 backbone.weights_identity["precision"] = "fp32 (converted by clip_ft for fine-tuning)"
         self.backbone = backbone.to(runtime.device)
-        self.optim, self.rt, self.optimizer = optim, runtime, optimizer
+        self.optim, self.rt = optim, runtime
         self.bank: PromptBank | None = None
         self._text: dict[tuple[int, int], torch.Tensor] = {}
         self.history: list[dict] = []
 
     @staticmethod
-    def config_problems(optim, *, optimizer="adamw", **_) -> list[str]:
-        """Problems of the method's keys (also run by ``clcli validate``)."""
-        problems = []
-        if optimizer not in OPTIMIZERS:
-            problems.append(f"method.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}.")
+    def config_problems(optim, backbone=None, **_) -> list[str]:
+        """Problems of the method's backbone and learning rates (also run by ``clcli validate``)."""
+        problems = clip_problems(backbone, "clip_ft") + classifier_lr_problems(optim, "clip_ft")
         if not_positive(optim, "lr.representation"):
             problems.append("optim.lr.representation: clip_ft fine-tunes CLIP with it; must be > 0.")
         return problems
@@ -210,14 +213,9 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
         params = self._trainable()
         for p in params:
             p.requires_grad_(True)
-        lr = float(o.lr.representation)
-        if self.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(o.weight_decay))
-        else:
-            opt = optim_lib.sgd([(params, lr)], momentum=o.momentum, weight_decay=o.weight_decay)
+        opt = optim_lib.make_optimizer(o, [(params, float(o.lr.representation))])
         loader = rt.loader(task.train, o.batch_size, shuffle=True)
-        sched = optim_lib.scheduler(opt, o.schedule, o.epochs, len(loader), milestones=o.milestones,
-                                    gamma=o.gamma, final_lr_ratio=o.final_lr_ratio)
+        sched = optim_lib.make_scheduler(o, opt, len(loader))
         tokens = self.bank.tokens(task.labels, rt.device)
         start, scale = task.labels.start, self.backbone.logit_scale
 
@@ -244,6 +242,6 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
     def summary(self) -> dict:
         return {
             "trainable_parameters": sum(p.numel() for p in self._trainable()),
-            "optimizer": self.optimizer,
+            "optimizer": self.optim.optimizer.get("_target_"),
             "tasks": self.history,
         }

@@ -53,11 +53,12 @@ import torch.nn.functional as F
 
 from clcli import optim as optim_lib
 from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
-from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, Task
+from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
-from clcli.methods.clip_baselines import PromptBank, cosine_logits, not_positive, require_clip
+from clcli.methods.clip_baselines import PromptBank, classifier_lr_problems, clip_problems, cosine_logits, not_positive
+from clcli.models.clip import ClipBackbone
 from clcli.models.residual_attention import DikiClip
 from clcli.stats import GaussianStats
 
@@ -129,14 +130,15 @@ class DIKI:
         feature_cache_dir: folder of the ``disk`` entries.
     """
 
-    def __init__(self, backbone, optim, runtime: Runtime, requires_backbone: str = "clip",
-                 depth_vision: int | None = None, depth_text: int | None = None, n_tokens: int = 8,
-                 param_dtype: str = "fp16", calibration: dict | None = None, select_best_on_val: bool = True,
-                 feature_cache: str = "memory", feature_cache_dir: str | None = None):
-        require_clip(backbone, "diki")
-        problems = self.config_problems(optim, depth_vision=depth_vision, depth_text=depth_text, n_tokens=n_tokens,
-                                        param_dtype=param_dtype, calibration=calibration,
+    def __init__(self, backbone, optim, runtime: Runtime, depth_vision: int | None = None,
+                 depth_text: int | None = None, n_tokens: int = 8, param_dtype: str = "fp16",
+                 calibration: dict | None = None, select_best_on_val: bool = True, feature_cache: str = "memory",
+                 feature_cache_dir: str | None = None):
+        problems = self.config_problems(optim, type(backbone), depth_vision=depth_vision, depth_text=depth_text,
+                                        n_tokens=n_tokens, param_dtype=param_dtype, calibration=calibration,
                                         feature_cache=feature_cache, feature_cache_dir=feature_cache_dir)
+        if not isinstance(backbone, ClipBackbone):  # the depths below need CLIP's towers
+            raise ConfigError(problems)
         cal = {**CALIBRATION, **dict(calibration or {})}
         m = backbone.model
         dv = _resolve_depth(depth_vision, len(m.visual.transformer.resblocks), "depth_vision", backbone.model_name, problems)
@@ -163,11 +165,11 @@ class DIKI:
         self.frozen = FrozenEvalFeatures(self.features, backbone, runtime)  # test sets' frozen features
 
     @staticmethod
-    def config_problems(optim, *, depth_vision=None, depth_text=None, n_tokens=8, param_dtype="fp16",
+    def config_problems(optim, backbone=None, *, depth_vision=None, depth_text=None, n_tokens=8, param_dtype="fp16",
                         calibration=None, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
-        """Problems of DIKI's keys that need no backbone (``clcli validate`` and the constructor);
-        the constructor adds the depths against the backbone's block counts."""
-        problems: list[str] = []
+        """Problems of DIKI's keys, learning rates and backbone class (``clcli validate`` and the
+        constructor); the constructor adds the depths against the backbone's block counts."""
+        problems: list[str] = clip_problems(backbone, "diki") + classifier_lr_problems(optim, "diki")
         for key, value in (("depth_vision", depth_vision), ("depth_text", depth_text)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 problems.append(f"method.{key}: expected null or an integer >= 0, got {value!r}.")
@@ -189,18 +191,16 @@ class DIKI:
         if unknown:
             problems.append(f"method.calibration: unknown key(s) {unknown}.")
         problems += feature_cache_problems(feature_cache, feature_cache_dir)
-        if optim.get("name", "sgd") != "sgd":
-            problems.append(f"optim.name: DIKI trains its residuals with SGD (spec §5.1), got {optim.name!r}.")
         if not_positive(optim, "lr.representation"):
             problems.append("optim.lr.representation: DIKI trains its residual pools with it; must be > 0 (5.0 in the paper).")
         return problems
 
     # ------------------------------------------------------------------ protocol
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        if scenario.kind != DOMAIN_CLASS_INCREMENTAL:
+        if not scenario.kind.task_label_space:
             raise ConfigError([
                 f"method=diki needs a domain-class incremental (MTIL) scenario, where each dataset is "
-                f"evaluated over its own classes; data={scenario.name} is {scenario.kind}. Use data=mtil, "
+                f"evaluated over its own classes; data={scenario.name} is {scenario.kind.name}. Use data=mtil, "
                 "mtil_order2, mtil_fewshot or synthetic_mtil."
             ])
         self.bank = PromptBank(self.backbone, scenario)
@@ -216,12 +216,12 @@ class DIKI:
             self.stats.finalize()
 
     def make_optimizer(self, params: list[torch.nn.Parameter], steps_per_epoch: int):
-        """SGD over the current task's residuals only, with the per-step cosine from ``lr`` to
-        ``final_lr_ratio``·lr over ``epochs``·``steps_per_epoch`` steps (spec §5.1)."""
+        """``optim.optimizer`` (plain SGD in the reference) over the current task's residuals only,
+        with the per-step cosine from ``lr`` to ``final_lr_ratio``·lr over ``epochs``·``steps_per_epoch``
+        steps (spec §5.1)."""
         o = self.optim
-        opt = optim_lib.sgd([(params, float(o.lr.representation))], momentum=o.momentum, weight_decay=o.weight_decay)
-        sched = optim_lib.scheduler(opt, o.schedule, o.epochs, steps_per_epoch, milestones=o.milestones,
-                                    gamma=o.gamma, final_lr_ratio=o.final_lr_ratio)
+        opt = optim_lib.make_optimizer(o, [(params, float(o.lr.representation))])
+        sched = optim_lib.make_scheduler(o, opt, steps_per_epoch)
         return opt, sched
 
     def train_task(self, task: Task) -> None:

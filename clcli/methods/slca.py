@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from clcli import optim as optim_lib
 from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
+from clcli.config import dict_key_problems, number_problem, select_number
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
@@ -32,6 +33,11 @@ from clcli.models.heads import TaskHeads
 from clcli.stats import GaussianStats
 
 log = logging.getLogger("clcli")
+
+# The keys of ``method.ca`` and ``method.stats`` SLCA reads (conf/method/slca.yaml documents them).
+CA_KEYS = ("enabled", "epochs", "samples_per_class", "lr", "momentum", "weight_decay", "logit_norm_tau",
+           "mean_scaling", "buggy_task_id")
+STATS_KEYS = ("ridge", "batch_size")
 
 
 def logit_norm_loss(logits: torch.Tensor, targets: torch.Tensor, slices: list[tuple[int, int]], tau: float) -> torch.Tensor:
@@ -66,7 +72,8 @@ class SLCA:
 
     def __init__(self, backbone, optim, runtime: Runtime, ca: dict, stats: dict, joint: bool = False,
                  feature_cache: str = "memory", feature_cache_dir: str | None = None):
-        problems = self.config_problems(optim, feature_cache=feature_cache, feature_cache_dir=feature_cache_dir)
+        problems = self.config_problems(optim, type(backbone), ca=ca, stats=stats, feature_cache=feature_cache,
+                                        feature_cache_dir=feature_cache_dir)
         if problems:
             raise ConfigError(problems)
         self.backbone = backbone.to(runtime.device)
@@ -84,10 +91,38 @@ class SLCA:
                                              runtime, feature="forward")
 
     @staticmethod
-    def config_problems(optim, *, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
-        """Problems of the method's keys beyond the numeric ranges ``check_config`` tests (also run by
-        ``clcli validate``)."""
-        return feature_cache_problems(feature_cache, feature_cache_dir)
+    def config_problems(optim, backbone=None, *, ca=None, stats=None, feature_cache="memory", feature_cache_dir=None,
+                        **_) -> list[str]:
+        """Problems of SLCA's keys (``clcli validate`` and the constructor): ``ca.*`` and ``stats.*``
+        (names and ranges), the classifier learning rate its heads need, the feature cache. Any
+        backbone will do."""
+        ca, stats = dict(ca or {}), dict(stats or {})
+        # without alignment only ca.enabled is read (slow_learner, seq_ft and frozen inherit the rest)
+        problems = dict_key_problems(ca, CA_KEYS, "method.ca", required=False)
+        problems += [f"method.ca.{k}: missing; classifier alignment (method.ca.enabled) needs it."
+                     for k in (CA_KEYS if ca.get("enabled", True) else ("enabled",)) if k not in ca]
+        problems += dict_key_problems(stats, STATS_KEYS, "method.stats")
+        for key, value, rule in (
+            ("method.ca.epochs", ca.get("epochs"), dict(minimum=0, integer=True)),
+            ("method.ca.samples_per_class", ca.get("samples_per_class"), dict(minimum=1, integer=True)),
+            ("method.ca.lr", ca.get("lr"), dict(minimum=0, strict=True)),
+            ("method.ca.momentum", ca.get("momentum"), dict(minimum=0)),
+            ("method.ca.weight_decay", ca.get("weight_decay"), dict(minimum=0)),
+            ("method.ca.logit_norm_tau", ca.get("logit_norm_tau"), {}),
+            ("method.stats.ridge", stats.get("ridge"), dict(minimum=0, strict=True)),
+            ("method.stats.batch_size", stats.get("batch_size"), dict(minimum=1, integer=True)),
+        ):
+            if key.rsplit(".", 1)[-1] in (ca if key.startswith("method.ca") else stats):  # missing: reported above
+                problems += number_problem(key, value, **rule)
+        for key in ("enabled", "mean_scaling", "buggy_task_id"):
+            if key in ca and not isinstance(ca[key], bool):
+                problems.append(f"method.ca.{key}: expected true or false, got {ca[key]!r}.")
+        if "classifier" not in (optim.get("lr") or {}):
+            problems.append("optim.lr.classifier: SLCA trains its heads with it, but it is not set; add it "
+                            "(e.g. +optim.lr.classifier=0.01).")
+        else:
+            select_number(optim, "lr.classifier", problems, label="optim.lr.classifier", minimum=0, strict=True)
+        return problems + feature_cache_problems(feature_cache, feature_cache_dir)
 
     # ------------------------------------------------------------------ protocol
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
@@ -103,12 +138,10 @@ class SLCA:
         o = self.optim
         head = self.heads.heads[-1]
         known = task.labels.start
-        opt = optim_lib.sgd(
-            [(self.backbone.parameters(), float(o.lr.representation)), (head.parameters(), float(o.lr.classifier))],
-            momentum=o.momentum, weight_decay=o.weight_decay,
-        )
+        opt = optim_lib.make_optimizer(
+            o, [(self.backbone.parameters(), float(o.lr.representation)), (head.parameters(), float(o.lr.classifier))])
         loader = self.rt.loader(task.train, o.batch_size, shuffle=True)
-        sched = optim_lib.scheduler(opt, o.schedule, o.epochs, len(loader), milestones=o.milestones, gamma=o.gamma)
+        sched = optim_lib.make_scheduler(o, opt, len(loader))
 
         def step(x, y):
             if self.train_backbone:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clcli.errors import BackboneError, ConfigError
+from clcli.errors import BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,13 @@ class ClipBackbone(nn.Module):
         BackboneError: bad combination of options, unknown architecture or tag, QuickGELU mismatch
             with the tag's weights, missing file, or weights that cannot be fetched or loaded.
     """
+
+    @staticmethod
+    def config_problems(checkpoint_path=None, **_) -> list[str]:
+        """Problems of the backbone's keys found without building it (``clcli validate``)."""
+        from clcli.models.timm_backbone import checkpoint_problems
+
+        return checkpoint_problems(checkpoint_path)
 
     def __init__(
         self,
@@ -365,16 +372,10 @@ def _load_error(model_name: str, pretrained: str | None, checkpoint_path: str | 
     return BackboneError(f"Could not build backbone.model_name={model_name!r}: {type(err).__name__}: {err}")
 
 
-def clip_backbone(kind: str = "clip", **kwargs) -> ClipBackbone:
-    """Build a :class:`~clcli.models.clip.ClipBackbone` from a backbone config.
-
-    The config carries ``kind: clip`` so that ``check_config`` can refuse CLIP-only methods on timm
-    backbones (``method.requires_backbone``) before anything is built; ``ClipBackbone`` itself takes
-    no ``kind`` argument, so this thin factory consumes it. It also records ``weights_identity``
-    (architecture, tag or file, open_clip version) for results.json's provenance block.
-    """
-    if kind != "clip":
-        raise ConfigError([f"backbone.kind: a CLIP backbone config must say kind: clip, got {kind!r}."])
+def clip_backbone(**kwargs) -> ClipBackbone:
+    """Build a :class:`~clcli.models.clip.ClipBackbone` from a backbone config (its keys are
+    ``ClipBackbone``'s arguments: the return annotation tells ``check_config`` so) and record its
+    ``weights_identity`` (architecture, tag or file, open_clip version) for results.json's provenance."""
     bb = ClipBackbone(**kwargs)
     identity = {"model_name": bb.model_name, "open_clip": open_clip.__version__, "precision": bb.precision,
                 "quick_gelu": bb.quick_gelu}

@@ -61,6 +61,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def checkpoint_problems(checkpoint_path: str | None) -> list[str]:
+    """A ``backbone.checkpoint_path`` that names no file (checked before anything is loaded)."""
+    if checkpoint_path and not Path(checkpoint_path).is_file():
+        return [f"backbone.checkpoint_path: file '{checkpoint_path}' does not exist. Point it at the weights file "
+                "(e.g. backbone.checkpoint_path=/path/to/weights.pth)."]
+    return []
+
+
 class TimmBackbone(nn.Module):
     """A timm model used as a feature extractor.
 
@@ -135,6 +143,11 @@ class TimmBackbone(nn.Module):
         self.interpolation = cfg.get("interpolation", "bicubic")
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
         self.crop_pct = float(cfg.get("crop_pct", 0.875))
+
+    @staticmethod
+    def config_problems(checkpoint_path=None, **_) -> list[str]:
+        """Problems of the backbone's keys found without building it (``clcli validate``)."""
+        return checkpoint_problems(checkpoint_path)
 
     def _load_by_position(self, sd: dict[str, torch.Tensor]) -> None:
         own = self._own_keys_with_head()
