@@ -15,10 +15,12 @@ under every launcher, hence the records.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from clcli import distributed
 from clcli.results import atomic_write_text
 
 RECORDS = Path(".clcli") / "jobs"
@@ -29,8 +31,9 @@ last_incomplete: list[dict] | None = None
 
 def record_job(sweep_dir: str | Path, record: dict) -> None:
     """Write one job's record (``num``, ``overrides``, ``status``, ``headline``, ``run_dir``,
-    ``message``) into the sweep dir."""
-    atomic_write_text(Path(sweep_dir) / RECORDS / f"{int(record['num']):05d}.json", json.dumps(record, default=str))
+    ``message``) into the sweep dir (rank 0 of a multi-process job)."""
+    if distributed.is_main():
+        atomic_write_text(Path(sweep_dir) / RECORDS / f"{int(record['num']):05d}.json", json.dumps(record, default=str))
 
 
 def read_records(sweep_dir: str | Path) -> list[dict]:
@@ -75,6 +78,8 @@ class SweepReport(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         global last_incomplete
         last_incomplete = None
+        if distributed.env_world_size() > 1 and int(os.environ.get("RANK", "0")) != 0:
+            return  # torchrun: the group starts with the first job; rank 0 alone clears
         for p in (Path(config.hydra.sweep.dir) / RECORDS).glob("*.json"):
             p.unlink()
 
@@ -84,6 +89,8 @@ class SweepReport(Callback):
 
         import sys
 
+        if not distributed.is_main():  # under torchrun every process runs the sweep; rank 0 reports
+            return
         records = read_records(config.hydra.sweep.dir)
         if records:  # `clcli validate` runs its checks as a sweep too, and writes no records
             print_report(records, Console(stderr=True, width=None if sys.stderr.isatty() else 200),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -208,7 +209,9 @@ def test_torchrun_run_equals_single_process_run(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
-    assert out.count("last_acc") == 2  # one summary per job: rank 0 prints, rank 1 does not
+    # one end-of-run summary per job ("... forgetting F   (T s)"): rank 0 prints, rank 1 does not
+    assert len(re.findall(r"forgetting -?[0-9.]+ +\([0-9]+ s\)", out)) == 2
+    assert out.count(": 2 job(s)") == 1  # one end-of-sweep report (rank 0)
     for method, single in singles.items():
         run_dir = sweep / method
         res = json.loads((run_dir / "results.json").read_text())
