@@ -1,10 +1,10 @@
 """Accuracy matrix of counts and the papers' metrics as pure functions.
 
 ``AccuracyMatrix`` holds correct/total counts per (after-task row, evaluated-task column); accuracies
-are percentages (0–100) like the papers report. Class-incremental metrics follow SLCA (spec
-slca.md §6): the accuracy after task t is top-1 over *all seen classes* (sample-weighted over the
-seen tasks' test sets); Last-Acc is the final one, Inc-Acc the mean of the per-task values each
-rounded to 2 decimals first. MTIL metrics follow ZSCL/DIKI (spec diki_mtil.md §2).
+are percentages (0–100) like the papers report. Class-incremental metrics follow SLCA
+(docs/metrics.md#accuracy-matrix): the accuracy after task t is top-1 over *all seen classes*
+(sample-weighted over the seen tasks' test sets); Last-Acc is the final one, Inc-Acc the mean of the
+per-task values each rounded to 2 decimals first. MTIL metrics follow ZSCL/DIKI (docs/metrics.md#mtil-transfer).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def forgetting(acc: np.ndarray) -> float:
 
 def mtil_metrics(acc: np.ndarray) -> dict:
     """Transfer / Avg / Last of a T×T MTIL matrix (rows = stages, columns = datasets in training
-    order; spec diki_mtil.md §2). Per-dataset lists (Transfer has none for dataset 0, given as None)
+    order; docs/metrics.md#mtil-transfer). Per-dataset lists (Transfer has none for dataset 0, given as None)
     and means rounded to 1 decimal as the papers report them."""
     T = acc.shape[0]
     transfer = [None] + [float(np.mean(acc[:i, i])) for i in range(1, T)]

@@ -25,9 +25,9 @@ What it does, in order:
    ``n`` (runs with a value) over the group's *complete* runs (``status``); runs that stopped early
    (``diverged``) are never averaged in but counted in an ``outcome`` column (``diverged 1/3``), next to
    runs with collapse warnings (``collapse 2/3``). With ``n = 1`` the std is undefined and shown as ``–`` (empty in CSV),
-   never as a misleading 0. Headline metrics: class-incremental (SLCA, arXiv 2303.05118; spec
-   slca.md §6): ``last_acc``, ``inc_acc``, ``forgetting``; MTIL (ZSCL's definitions, used by DIKI,
-   arXiv 2407.05342; spec diki_mtil.md §2): ``transfer``, ``avg``, ``last``, plus a per-dataset table.
+   never as a misleading 0. Headline metrics: class-incremental (SLCA, arXiv 2303.05118;
+   docs/metrics.md#last-acc): ``last_acc``, ``inc_acc``, ``forgetting``; MTIL (ZSCL's definitions, used by DIKI,
+   arXiv 2407.05342; docs/metrics.md#mtil-transfer): ``transfer``, ``avg``, ``last``, plus a per-dataset table.
 4. **Compare.** When the group's runs carry a ``paper`` block (written from the experiment file's
    ``paper:`` key), the paper value and ``Δ = ours − paper`` stand beside each metric; values listed
    in ``paper.unverified`` are marked ``*``; sources and notes are printed under the table.

@@ -1,4 +1,5 @@
-"""DIKI evaluation of one stage with cached frozen features vs recomputing them (spec diki_mtil.md §7 item 4).
+"""DIKI evaluation of one stage with cached frozen features vs recomputing them
+(docs/diki_mtil_protocol.md#exact-speed-ups).
 
 T synthetic datasets (own classes, prompts and images) on a randomly initialised CLIP; T tasks are
 "learned" (Gaussians fitted on the frozen train features, random residual values), then the stage

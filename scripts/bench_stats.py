@@ -1,5 +1,5 @@
 """Class statistics: clcli's one pass (float64 sums per class, inference mode) vs the SLCA reference's
-one loader per class + ``torch.cov`` (spec slca.md §9 "Class statistics", §10.2), next to a bare
+one loader per class + ``torch.cov`` (docs/slca_protocol.md#class-statistics), next to a bare
 forward pass over the same data. The last line is ``ratio: <baseline / clcli>``; the line before
 gives clcli's throughput relative to the bare forward pass (target >= 0.9).
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end at toy sizes (issue 7): each one asserts its own equivalence
+"""The benchmark scripts run end to end at toy sizes: each one asserts its own equivalence
 checks (same sample moments, same covariances, bit-identical logits, ...) before printing, and ends
 with ``ratio: <baseline time / clcli time>``. No timing is asserted here; the ratios are measured by
 running the scripts at their default sizes (README "Speed options and benchmarks")."""

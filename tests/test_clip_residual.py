@@ -1,4 +1,5 @@
-"""ClipBackbone and DIKI residual attention (spec diki_mtil.md §3, §6, §12 "Model").
+"""ClipBackbone and DIKI residual attention (docs/diki_mtil_protocol.md#backbone,
+docs/diki_mtil_protocol.md#residual-attention).
 
 DIKI: Tang et al., ECCV 2024, arXiv 2407.05342. Everything runs on the randomly initialised
 ``tiny-clip`` on CPU in seconds, except the ``slow`` test that builds ViT-B-16-quickgelu (random init,
@@ -67,7 +68,7 @@ def test_backbone_frozen_transform_and_tokenizer(backbone):
     assert backbone.feature_dim == 32 and backbone.quick_gelu
     assert isinstance(backbone.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.model.QuickGELU)
     assert backbone.logit_scale == pytest.approx(1 / 0.07, rel=1e-6)  # random init; 100 for openai
-    # Same deterministic val transform for train and test (spec §1.4): no random ops.
+    # Same deterministic val transform for train and test (docs/diki_mtil_protocol.md#preprocessing): no random ops.
     assert backbone.transform(True) is backbone.transform(False)
     names = [type(t).__name__ for t in backbone.transform(True).transforms]
     assert not any(n.startswith("Random") for n in names), names
@@ -318,7 +319,8 @@ def test_sgd_changes_only_current_task_residuals(backbone):
     other_before = [p.detach().clone() for p in model.residual_parameters(0)]
     mine_before = [p.detach().clone() for p in model.residual_parameters(1)]
     model.pools.freeze_all_but(1)
-    # momentum + weight decay: safe only because the optimizer sees task 1's tensors alone (§8 item 11)
+    # momentum + weight decay: safe only because the optimizer sees task 1's tensors alone
+    # (docs/diki_mtil_protocol.md#training)
     opt = torch.optim.SGD(model.residual_parameters(1), lr=0.5, momentum=0.9, weight_decay=1e-2)
     for step in range(3):
         opt.zero_grad()
@@ -334,7 +336,8 @@ def test_sgd_changes_only_current_task_residuals(backbone):
 
 
 def test_fp16_backbone_with_fp32_residuals():
-    """Reference precision is pure fp16 (spec §5.1); fp32 residual master copies get fp32 grads."""
+    """Reference precision is pure fp16 (docs/diki_mtil_protocol.md#training); fp32 residual master
+    copies get fp32 grads."""
     torch.manual_seed(0)
     bb = ClipBackbone("tiny-clip", precision="fp16")
     assert bb.dtype == torch.float16

@@ -1,4 +1,4 @@
-"""DIKI, the CLIP baselines and the MTIL configs (spec diki_mtil.md §2, §4, §5, §12).
+"""DIKI, the CLIP baselines and the MTIL configs (docs/diki_mtil_protocol.md#overview).
 
 DIKI: Tang et al., ECCV 2024, arXiv 2407.05342. Everything runs on the random-init ``tiny-clip`` and
 generated data (``data=synthetic_mtil``) on CPU in seconds; the real MTIL configs are only composed and
@@ -67,7 +67,8 @@ def compose_cfg(overrides):
         return compose("config", overrides=overrides)
 
 
-# ------------------------------------------------------------------ calibration (spec §4, §12)
+# ------------------------------------------------------------------ calibration
+# docs/diki_mtil_protocol.md#calibration-and-task-selection
 
 
 def test_calibration_weight_formula():
@@ -160,7 +161,8 @@ def test_sample_selection_equals_batch_selection_one_sample_at_a_time(backbone, 
     torch.testing.assert_close(per_sample, one_by_one, rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------------------------------ training (spec §5, §12)
+# ------------------------------------------------------------------ training
+# docs/diki_mtil_protocol.md#training
 
 
 def test_training_task_changes_only_its_residuals(backbone, scenario):
@@ -212,7 +214,8 @@ def test_depth_beyond_backbone_is_refused(backbone, scenario):
         DIKI(backbone=backbone, optim=optim_cfg(), runtime=Runtime(), calibration={"task_select": "vote"})
 
 
-# ------------------------------------------------------------------ zero-shot (spec §3.3, §12)
+# ------------------------------------------------------------------ zero-shot
+# docs/diki_mtil_protocol.md#residual-attention
 
 
 def test_zeroshot_equals_plain_clip_and_untrained_diki(backbone, scenario):
@@ -233,7 +236,8 @@ def test_zeroshot_equals_plain_clip_and_untrained_diki(backbone, scenario):
     torch.testing.assert_close(method.predict(EvalBatch(images, task, task.labels)), plain, rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------------------------------ end to end (spec §2, §10)
+# ------------------------------------------------------------------ end to end
+# docs/metrics.md#mtil-transfer
 
 
 @pytest.mark.parametrize("method", ["diki", "zeroshot", "clip_ft"])

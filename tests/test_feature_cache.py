@@ -1,4 +1,4 @@
-"""Frozen-feature cache (clcli/cache.py; DIKI spec diki_mtil.md §7 item 4): keys, exactness, fallbacks.
+"""Frozen-feature cache (clcli/cache.py; docs/diki_mtil_protocol.md#exact-speed-ups): keys, exactness, fallbacks.
 
 Everything on the random-init ``tiny-clip`` and ``data=synthetic_mtil`` on CPU.
 """

@@ -1,4 +1,4 @@
-"""Metric functions on hand-written matrices (SLCA §6, ZSCL/DIKI §2)."""
+"""Metric functions on hand-written matrices (docs/metrics.md#last-acc, docs/metrics.md#mtil-transfer)."""
 import numpy as np
 import pytest
 

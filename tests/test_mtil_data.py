@@ -1,4 +1,5 @@
-"""MTIL dataset sources (spec diki_mtil.md §1): tiny fake on-disk layouts, no downloads."""
+"""MTIL dataset sources (docs/diki_mtil_protocol.md#datasets-and-orders): tiny fake on-disk layouts,
+no downloads."""
 from __future__ import annotations
 
 import dataclasses
@@ -314,7 +315,8 @@ def test_per_class_train_val_split():
 
 def test_torchvision_source_split_once(tmp_path):
     """CIFAR-style source: train/val from one seeded split of the official train set, disjoint,
-    identical on a second source object whatever the global RNG did in between (spec §5.3 fix)."""
+    identical on a second source object whatever the global RNG did in between
+    (docs/diki_mtil_protocol.md#splits-and-data-layout)."""
     x = np.arange(100 * 3 * 3 * 3, dtype=np.int64).astype(np.uint8).reshape(100, 3, 3, 3)
     x[:, 0, 0, 0] = np.arange(100)  # unique id per image
     y = np.arange(100) % 10

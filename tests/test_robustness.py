@@ -1,4 +1,4 @@
-"""Bad input fails fast and cleanly; runs resume after a crash; writes are atomic (issue 6)."""
+"""Bad input fails fast and cleanly; runs resume after a crash; writes are atomic."""
 import json
 import os
 import signal

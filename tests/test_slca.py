@@ -1,4 +1,4 @@
-"""SLCA behaviour (spec slca.md §1, §4, §5, §15) on a tiny ViT and generated images."""
+"""SLCA behaviour (docs/slca_protocol.md#overview) on a tiny ViT and generated images."""
 import copy
 
 import pytest

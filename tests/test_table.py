@@ -26,7 +26,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THR
 EXPERIMENTS = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
                      for p in (CONF / "experiment").rglob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
-SEEDS = {1993, 1996, 1997}  # SLCA's class-order seeds (slca.md §2.3)
+SEEDS = {1993, 1996, 1997}  # SLCA's class-order seeds (docs/slca_protocol.md#class-order-and-seeds)
 
 
 def _table(args: list[str]) -> subprocess.CompletedProcess:
@@ -281,8 +281,9 @@ def test_experiment_composes_with_a_paper_block(experiment):
 
 
 def _check_slca_hyper_parameters(experiment, cfg):
-    """slca.md §4.2: IN21k CIFAR 20/[18], other IN21k 50/[40], MoCo v3 90/[80]; tau 0.1 (Cars 0.05);
-    torch seed 1 in every run (§2.3)."""
+    """IN21k CIFAR 20/[18], other IN21k 50/[40], MoCo v3 90/[80]; tau 0.1 (Cars 0.05)
+    (docs/slca_protocol.md#schedules-per-benchmark); torch seed 1 in every run
+    (docs/slca_protocol.md#class-order-and-seeds)."""
     method, rest = re.fullmatch(r"slca/(seq_ft|slow_learner|slca|joint)_(.+)", experiment).groups()
     bench, pre = rest.rsplit("_", 1)
     expected = (90, [80]) if pre == "mocov3" else ((20, [18]) if bench == "cifar100" else (50, [40]))

@@ -1,4 +1,5 @@
-"""Sources of the class-incremental benchmarks (SLCA spec slca.md §2.1) and the offline default.
+"""Sources of the class-incremental benchmarks and the offline default
+(docs/slca_protocol.md#benchmarks-and-data-layout).
 
 - :class:`CIFAR100`: torchvision's CIFAR-100 (downloaded on first use where the network allows).
 - :class:`ImageFolderSource`: ImageNet-R, CUB-200 and Cars-196 in the ``train/`` + ``val/`` folder
@@ -138,7 +139,7 @@ def cars196(root: str) -> ImageFolderSource:
         root, "cars196", 196,
         "Prepare Stanford Cars (car_ims/ + cars_annos.mat) into train/<class_name>/ and "
         "val/<class_name>/ folders as SLCA's split_car.py does (docs/slca_protocol.md, 'Preparing Cars-196'); "
-        "note the reference recipe puts the official *test* images in train/ (spec §2.1).",
+        "note the reference recipe puts the official *test* images in train/.",
     )
 
 

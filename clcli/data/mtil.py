@@ -543,7 +543,8 @@ MTIL_ORDER_II: tuple[str, ...] = (
     "cars", "food", "mnist", "oxford_pet", "flowers", "sun397",
     "aircraft", "caltech101", "dtd", "eurosat", "cifar100",
 )
-# MTIL-FS (``num_shots >= 1``): order I without EuroSAT, MNIST, OxfordPet (spec §1.1, §1.5).
+# MTIL-FS (``num_shots >= 1``): order I without EuroSAT, MNIST, OxfordPet
+# (docs/diki_mtil_protocol.md#few-shot-variant).
 MTIL_FEWSHOT_DATASETS: tuple[str, ...] = (
     "aircraft", "caltech101", "cifar100", "dtd", "flowers", "food", "cars", "sun397",
 )

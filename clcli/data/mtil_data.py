@@ -1,9 +1,10 @@
 """MTIL data configs: ``problems()`` (cheap, no image touched) + ``build(backbone)`` -> Scenario.
 
 MTIL (the domain-class incremental benchmark of ZSCL, as run by DIKI: Tang et al., "Mind the
-Interference", ECCV 2024, arXiv 2407.05342; spec ``diki_mtil.md`` §1) is one task per dataset, each
-with its own classes, class names and prompt template. After every task *all* datasets are evaluated
-(future ones included) over their own classes, giving the T×T matrix of Transfer / Avg / Last (§2).
+Interference", ECCV 2024, arXiv 2407.05342; docs/diki_mtil_protocol.md#datasets-and-orders) is one
+task per dataset, each with its own classes, class names and prompt template. After every task *all*
+datasets are evaluated (future ones included) over their own classes, giving the T×T matrix of
+Transfer / Avg / Last (docs/metrics.md#mtil-transfer).
 
 - :class:`MTILData` (``data=mtil``, ``mtil_order2``, ``mtil_fewshot``): the eleven real datasets of
   :mod:`clcli.data.mtil` under ``data_dir`` (CoOp splits, DIKI's class names and first templates),
@@ -11,8 +12,8 @@ with its own classes, class names and prompt template. After every task *all* da
 - :class:`SyntheticMTILData` (``data=synthetic_mtil``): a few generated "datasets", each with its own
   class-name prefix, seed and template, and a val split — the whole MTIL pipeline on CPU in seconds.
 
-Both use the backbone's deterministic test transform for every split (spec §1.4, §12 "Train/val/test
-share one deterministic transform": DIKI trains without augmentation).
+Both use the backbone's deterministic test transform for every split
+(docs/diki_mtil_protocol.md#preprocessing: DIKI trains without augmentation).
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ def _eval_transform(backbone):
 
 
 class FewShotView:
-    """A source seen through the few-shot protocol (spec §1.5, §12 "MTIL-FS"): ``shots`` training
-    items per class and ``min(shots, 4)`` validation items per class, drawn with dedicated seeded RNGs
-    (:func:`clcli.data.mtil.few_shot`, independent of the global ``random`` state); the test split is
-    untouched. Subsets are drawn once and cached, so train and val stay fixed for the whole run."""
+    """A source seen through the few-shot protocol (docs/diki_mtil_protocol.md#few-shot-variant):
+    ``shots`` training items per class and ``min(shots, 4)`` validation items per class, drawn with
+    dedicated seeded RNGs (:func:`clcli.data.mtil.few_shot`, independent of the global ``random``
+    state); the test split is untouched. Subsets are drawn once and cached, so train and val stay
+    fixed for the whole run."""
 
     def __init__(self, source: Any, shots: int, seed: int):
         self.source, self.shots, self.seed = source, int(shots), int(seed)
@@ -64,7 +66,8 @@ class FewShotView:
 
 
 class MTILData:
-    """The MTIL dataset sequence (spec §1): one task per dataset, CoOp splits, DIKI's protocol.
+    """The MTIL dataset sequence: one task per dataset, CoOp splits, DIKI's protocol
+    (docs/diki_mtil_protocol.md#datasets-and-orders).
 
     Args:
         name: scenario name recorded in results (``mtil_order1``, ``mtil_order2``, ``mtil_fewshot``).
@@ -73,13 +76,14 @@ class MTILData:
             dataset names from :data:`clcli.data.mtil.MTIL_DATASETS`.
         num_shots: ``-1`` = full training sets; ``k >= 1`` = ``k`` training and ``min(k, 4)``
             validation images per class (MTIL-FS: 16), test sets untouched.
-        few_shot_seed: seed of the few-shot draws (a dedicated RNG; spec §8 item 6 fix).
+        few_shot_seed: seed of the few-shot draws (a dedicated RNG; docs/diki_mtil_protocol.md#few-shot-variant).
         split_seed: seed of the per-class 80/20 train/val split of CIFAR100 and MNIST (drawn once; the
-            reference re-draws it per construction, spec §5.3).
+            reference re-draws it per construction, docs/diki_mtil_protocol.md#splits-and-data-layout).
         data_dir: folder holding one sub-folder per dataset (config ``paths.data_dir``).
         dirs: sub-folder of each dataset (defaults: CoOp's names, :data:`clcli.data.mtil.MTIL_DEFAULT_DIRS`);
             entries given here replace the defaults one by one.
-        with_val: load the val splits (DIKI keeps the best epoch by val accuracy, spec §5.1).
+        with_val: load the val splits (DIKI keeps the best epoch by val accuracy,
+            docs/diki_mtil_protocol.md#training).
         download: let torchvision download CIFAR100 / MNIST on first use (the other nine datasets must
             be prepared by hand; ``clcli validate`` prints the layout and where to get each).
     """

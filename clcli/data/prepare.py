@@ -1,8 +1,8 @@
 """``clcli data prepare NAME --src DIR --dst DIR``: build the folder layouts the benchmarks read.
 
-- ``imagenet_r``: DualPrompt's split used by SLCA (spec slca.md §2.1): ImageFolder order over the 200
-  wnid folders, ``torch.manual_seed(42)``, ``randperm(N)``; the first int(0.8·N) indices are train,
-  the rest val. Not stratified.
+- ``imagenet_r``: DualPrompt's split used by SLCA (docs/slca_protocol.md#benchmarks-and-data-layout):
+  ImageFolder order over the 200 wnid folders, ``torch.manual_seed(42)``, ``randperm(N)``; the first
+  int(0.8·N) indices are train, the rest val. Not stratified.
 - ``cub200``: the official split of CUB-200-2011 (``images.txt`` + ``train_test_split.txt``,
   ``is_training_image == 1`` -> train), class folders ``001.Black_footed_Albatross`` ...
 

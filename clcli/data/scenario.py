@@ -1,9 +1,10 @@
 """Tasks and scenarios: how sources are cut into a sequence of tasks.
 
 Labels are *global* everywhere: in a class-incremental scenario the class at position ``i`` of the
-class order gets label ``i`` (SLCA protocol, spec slca.md §2.3), so task ``k`` owns a contiguous label
-range. In the MTIL (domain-class incremental) scenario each dataset is a task whose classes get the
-next free range of labels; classification is over the evaluated dataset's own classes (DIKI spec §1.3).
+class order gets label ``i`` (SLCA protocol, docs/slca_protocol.md#class-order-and-seeds), so task
+``k`` owns a contiguous label range. In the MTIL (domain-class incremental) scenario each dataset is a
+task whose classes get the next free range of labels; classification is over the evaluated dataset's
+own classes (docs/diki_mtil_protocol.md#class-names-and-prompt-templates).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class Task:
         return len(self.labels)
 
     def prompts(self) -> list[str]:
-        """The task's class prompts with its first template, ``_`` replaced by spaces (DIKI §1.3)."""
+        """The task's class prompts with its first template, ``_`` replaced by spaces
+        (docs/diki_mtil_protocol.md#class-names-and-prompt-templates)."""
         return [self.templates[0].format(c=name).replace("_", " ") for name in self.class_names]
 
 
@@ -128,7 +130,8 @@ def _concat(datasets: Sequence[ImageDataset]) -> ImageDataset:
 
 
 def class_order(num_classes: int, seed: int, shuffle: bool = True) -> list[int]:
-    """SLCA class order: ``numpy.random.seed(seed); numpy.random.permutation(n)`` (spec slca.md §2.3).
+    """SLCA class order: ``numpy.random.seed(seed); numpy.random.permutation(n)``
+    (docs/slca_protocol.md#class-order-and-seeds).
 
     A private ``RandomState`` gives the same MT19937 stream as the legacy global RNG without
     touching global state.

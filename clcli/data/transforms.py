@@ -2,7 +2,7 @@
 
 - ``slca_cifar`` / ``slca_imagenet_r`` / ``slca_fgvc``: the SLCA protocol's pipelines, with the
   normalization the protocol fixes (CIFAR or ImageNet statistics, for both ViT pre-trainings;
-  spec slca.md §2.2). They ignore the backbone's own normalization on purpose.
+  docs/slca_protocol.md#preprocessing-recipes). They ignore the backbone's own normalization on purpose.
 - ``backbone``: resize + centre crop at the backbone's input size with its own mean/std; training
   adds a random resized crop (scale 0.6–1) and horizontal flip.
 - ``upscale``: small images (digits, synthetic) resized to the backbone's input size, no crop, no

@@ -1,4 +1,4 @@
-"""The method protocol the training loop relies on (see DESIGN.md "Core objects"), and the
+"""The method protocol the training loop relies on, and the
 evaluation context every ``predict`` call receives."""
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """CLIP baselines of the MTIL tables, and the pieces every CLIP method shares.
 
 The MTIL protocol (ZSCL; DIKI: Tang et al., "Mind the Interference", ECCV 2024, arXiv 2407.05342;
-spec ``diki_mtil.md`` §1, §3.4) classifies an image over the evaluated dataset's own classes with
-``logits = exp(logit_scale) · cos(image feature, text feature of the class prompt)``; the prompt is the
-dataset's first template with the class name (``Task.prompts()``, §1.3). There is no classifier head:
-the text features of the class prompts are the classifier.
+docs/diki_mtil_protocol.md#text-side-and-logits) classifies an image over the evaluated dataset's
+own classes with ``logits = exp(logit_scale) · cos(image feature, text feature of the class prompt)``;
+the prompt is the dataset's first template with the class name (``Task.prompts()``). There is no
+classifier head: the text features of the class prompts are the classifier.
 
 - :class:`ZeroShotCLIP` (``method=zeroshot``): frozen CLIP, predict only — the "Zero-shot" row, and
-  the reference DIKI's Transfer should approach (spec §11.2).
+  the reference DIKI's Transfer should approach (docs/diki_mtil_protocol.md#published-numbers).
 - :class:`ContinualCLIPFT` (``method=clip_ft``): the "Continual-FT" row — both encoders fine-tuned on
   each dataset in turn with CE over its classes, no protection against forgetting.
 - :class:`PromptBank`, :func:`cosine_logits`, :func:`clip_problems`, :func:`classifier_lr_problems`: shared
@@ -59,16 +59,19 @@ def classifier_lr_problems(optim, method: str) -> list[str]:
 
 
 def cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · img · txtᵀ`` in float32 for L2-normalised features (spec §3.4); fp16 encoder outputs
-    are promoted so that CE and argmax see the same values on every device."""
+    """``scale · img · txtᵀ`` in float32 for L2-normalised features
+    (docs/diki_mtil_protocol.md#text-side-and-logits); fp16 encoder outputs are promoted so that CE
+    and argmax see the same values on every device."""
     return scale * image_features.float() @ text_features.float().T
 
 
 class PromptBank:
-    """The class prompts of a scenario by global label, tokenised once (spec §1.3, §3.4).
+    """The class prompts of a scenario by global label, tokenised once
+    (docs/diki_mtil_protocol.md#class-names-and-prompt-templates).
 
     ``tokens(candidates)`` are the prompts of a contiguous label range, truncated to the longest
-    prompt's EOT + 1 (exact for CLIP's causal text tower, spec §7 item 2) and kept on the device.
+    prompt's EOT + 1 (exact for CLIP's causal text tower, docs/diki_mtil_protocol.md#text-side-and-logits)
+    and kept on the device.
     """
 
     def __init__(self, backbone: ClipBackbone, scenario: Scenario):

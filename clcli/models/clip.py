@@ -2,17 +2,17 @@
 
 Used by DIKI (Tang et al., "Mind the Interference: Retaining Pre-trained Knowledge in Parameter
 Efficient Continual Learning of Vision-Language Models", ECCV 2024, arXiv 2407.05342), whose
-backbone is OpenAI CLIP ViT-B/16 with QuickGELU, kept fully frozen (spec ``diki_mtil.md`` §3, §6.1).
+backbone is OpenAI CLIP ViT-B/16 with QuickGELU, kept fully frozen (docs/diki_mtil_protocol.md#backbone).
 
 What this module guarantees:
 
-- **Fail fast, before any download or build** (spec §6.1, §8 item 10): ``('ViT-B-16', 'openai')``
+- **Fail fast, before any download or build** (docs/diki_mtil_protocol.md#backbone): ``('ViT-B-16', 'openai')``
   without QuickGELU is refused (open_clip >= 3 only *warns* and builds ``nn.GELU`` MLPs, which is
   silently wrong for OpenAI weights); an unknown pretrained tag, a missing ``checkpoint_path`` file or
   an unreachable hub raise :class:`clcli.errors.BackboneError` naming the config key and the fix.
-- **One preprocessing for every split** (spec §1.4): ``transform(train)`` returns open_clip's *val*
-  transform (resize shortest side bicubic, center crop, RGB, ToTensor, Normalize) for train too,
-  because DIKI trains without augmentation.
+- **One preprocessing for every split** (docs/diki_mtil_protocol.md#preprocessing): ``transform(train)``
+  returns open_clip's *val* transform (resize shortest side bicubic, center crop, RGB, ToTensor,
+  Normalize) for train too, because DIKI trains without augmentation.
 - **Frozen**: every CLIP parameter has ``requires_grad=False`` and the wrapped model stays in eval
   mode whatever ``train()`` is called with.
 - ``tiny-clip`` (:func:`register_tiny_clip`) is a 32-px, 3-block, width-64 CLIP with the real
@@ -103,9 +103,10 @@ def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
 def truncate_to_eot(tokens: torch.Tensor) -> torch.Tensor:
     """Drop the trailing padding columns common to all prompts: keep ``max(EOT index) + 1`` tokens.
 
-    Exact up to float rounding for a causal text tower with EOT pooling (spec §7 item 2): the pooled
-    feature of a prompt depends only on tokens up to its EOT, and DIKI's residual branch acts on each
-    token independently. The MTIL prompts end by position ~25, so this saves ~3x text compute.
+    Exact up to float rounding for a causal text tower with EOT pooling
+    (docs/diki_mtil_protocol.md#text-side-and-logits): the pooled feature of a prompt depends only on
+    tokens up to its EOT, and DIKI's residual branch acts on each token independently. The MTIL
+    prompts end by position ~25, so this saves ~3x text compute.
     """
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"expected token ids of shape [N, L], got {tuple(tokens.shape)}")
@@ -118,7 +119,7 @@ def _known_models_hint(model_name: str) -> str:
 
 
 class ClipBackbone(nn.Module):
-    """A frozen open_clip CLIP with its preprocessing and tokenizer (spec §1.4, §6.1).
+    """A frozen open_clip CLIP with its preprocessing and tokenizer (docs/diki_mtil_protocol.md#backbone).
 
     Args:
         model_name: open_clip architecture (config ``backbone.model_name``), e.g.
@@ -131,7 +132,8 @@ class ClipBackbone(nn.Module):
             Whether the file was trained with QuickGELU cannot be checked: name the architecture
             accordingly (``...-quickgelu``) or set ``force_quick_gelu``.
         precision: open_clip precision (``'fp32'``, ``'fp16'``, ``'bf16'``, ...). DIKI's reference is
-            pure fp16 (spec §5.1); images are cast to the weight dtype in :meth:`encode_image`.
+            pure fp16 (docs/diki_mtil_protocol.md#training); images are cast to the weight dtype in
+            :meth:`encode_image`.
         force_quick_gelu: build QuickGELU MLPs whatever the architecture's config says.
         cache_dir: open_clip download cache (``None``: the Hugging Face default, ``HF_HOME``).
 
@@ -175,7 +177,7 @@ class ClipBackbone(nn.Module):
         except Exception as e:  # noqa: BLE001 - every failure here is reported as a config problem
             raise _load_error(model_name, pretrained, checkpoint_path, e) from e
 
-        # Frozen backbone: DIKI trains only its residual pools (spec §3.2, §5.1).
+        # Frozen backbone: DIKI trains only its residual pools (docs/diki_mtil_protocol.md#residual-attention).
         model.requires_grad_(False)
         model.eval()
         self.model = model
@@ -186,7 +188,8 @@ class ClipBackbone(nn.Module):
         self.quick_gelu = quick_gelu
         self.context_length = int(getattr(model, "context_length", 77))
         self._tokenizer = open_clip.get_tokenizer(model_name)
-        # open_clip's *val* transform for every split: DIKI uses no augmentation (spec §1.4).
+        # open_clip's *val* transform for every split: DIKI uses no augmentation
+        # (docs/diki_mtil_protocol.md#preprocessing).
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         self._transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
@@ -204,7 +207,8 @@ class ClipBackbone(nn.Module):
 
     @property
     def logit_scale(self) -> float:
-        """``exp(logit_scale)`` of the checkpoint: 100 for OpenAI CLIP (spec §3.4), 1/0.07 at random init."""
+        """``exp(logit_scale)`` of the checkpoint: 100 for OpenAI CLIP, 1/0.07 at random init
+        (docs/diki_mtil_protocol.md#text-side-and-logits)."""
         return float(self.model.logit_scale.detach().float().exp())
 
     def train(self, mode: bool = True) -> "ClipBackbone":
@@ -216,10 +220,11 @@ class ClipBackbone(nn.Module):
     # ------------------------------------------------------------------ preprocessing
     def transform(self, train: bool) -> Callable:
         """Image preprocessing for a split: the same deterministic *val* transform for train and test
-        (spec §1.4: DIKI uses no augmentation; equals CLIP's standard 224 transform for ViT-B/16)."""
+        (DIKI uses no augmentation, docs/diki_mtil_protocol.md#preprocessing; equals CLIP's standard 224
+        transform for ViT-B/16)."""
         return self._transform
 
-    transforms = transform  # name used by the Backbone protocol in DESIGN.md
+    transforms = transform  # alias of transform
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids [N, context_length] (LongTensor) from open_clip's tokenizer for this model."""
@@ -238,7 +243,8 @@ class ClipBackbone(nn.Module):
     # ------------------------------------------------------------------ plain encoders
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Frozen CLIP image features [N, feature_dim] (open_clip's ``encode_image``), L2-normalised
-        by default; these are the features DIKI's Gaussians are fitted on (spec §4.1)."""
+        by default; these are the features DIKI's Gaussians are fitted on
+        (docs/diki_mtil_protocol.md#task-gaussians)."""
         return self.model.encode_image(images.to(self.dtype), normalize=normalize)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -334,7 +340,7 @@ def _check_request(
             )
         tag_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         if tag_quick_gelu != quick_gelu:
-            # open_clip >= 3 only warns here and builds the wrong activation (spec §6.1, §8 item 10).
+            # open_clip >= 3 only warns here and builds the wrong activation (docs/diki_mtil_protocol.md#backbone).
             if tag_quick_gelu:
                 alt = f"{model_name}-quickgelu"
                 fix = (f"use backbone.model_name={alt!r} or " if alt in open_clip.list_models() else "") + (

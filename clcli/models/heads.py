@@ -1,4 +1,4 @@
-"""One linear head per task (SLCA's ``SimpleContinualLinear``, spec slca.md §3.3)."""
+"""One linear head per task (SLCA's ``SimpleContinualLinear``, docs/slca_protocol.md#task-heads)."""
 from __future__ import annotations
 
 import copy

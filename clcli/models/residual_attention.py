@@ -1,8 +1,8 @@
 """DIKI's interference-free residual attention ("IKI") on a frozen open_clip CLIP.
 
 Tang et al., "Mind the Interference: Retaining Pre-trained Knowledge in Parameter Efficient Continual
-Learning of Vision-Language Models", ECCV 2024, arXiv 2407.05342. Implemented from the clcli spec
-``diki_mtil.md`` §3 and §6.3 (the reference repository has no license; nothing is copied from it).
+Learning of Vision-Language Models", ECCV 2024, arXiv 2407.05342. Implemented from
+docs/diki_mtil_protocol.md#residual-attention (the reference repository has no license; nothing is copied from it).
 
 Per task, each of the first ``depth`` blocks of **both** encoders owns a residual key/value pool
 ``[2, n_tokens, width]`` (index 0 = keys K_r, drawn U(-1, 1); 1 = values V_r, zeros). K_r and V_r live
@@ -16,11 +16,12 @@ heads like q/k/v: head h uses channels ``[h*hd, (h+1)*hd)``. For head h of such 
   map is untouched ("interference-free"); this is *not* prefix tuning (no joint softmax);
 - the residual branch has its own softmax over the task's n_tokens keys and **no mask** (it does not
   mix tokens), and is added **before** ``out_proj`` (so ``b_o`` counts once);
-- ``w`` is DIKI's calibration weight (spec §4.2): per sample for images, a scalar (batch mean) or per
-  prompt for text; ``None`` means 1 (training and validation with the oracle task id).
+- ``w`` is DIKI's calibration weight (docs/diki_mtil_protocol.md#calibration-and-task-selection): per
+  sample for images, a scalar (batch mean) or per prompt for text; ``None`` means 1 (training and
+  validation with the oracle task id).
 
 Consequences the tests check: with V_r = 0 (initialisation) or w = 0 the model is frozen CLIP, and
-at the first step grad(K_r) = 0 while grad(V_r) != 0 (spec §3.3, §12).
+at the first step grad(K_r) = 0 while grad(V_r) != 0 (docs/diki_mtil_protocol.md#residual-attention).
 
 Parameter count per task: ``2·n·W_v·depth_v + 2·n·W_t·depth_t`` = 8·2·8·768 + 8·2·8·512 = 163,840 for
 ViT-B/16 with depth 8 and 8 tokens (1,802,240 for the 11 MTIL tasks), see
@@ -61,7 +62,8 @@ def residual_parameter_count(
 ) -> int:
     """Trainable residual parameters per task: ``2·n_v·W_v·depth_v + 2·n_t·W_t·depth_t``.
 
-    ViT-B/16 (W_v 768, W_t 512), depth 8, 8 tokens: 98,304 + 65,536 = 163,840 (spec §3.2).
+    ViT-B/16 (W_v 768, W_t 512), depth 8, 8 tokens: 98,304 + 65,536 = 163,840
+    (docs/diki_mtil_protocol.md#residual-attention).
     """
     return 2 * n_tokens_vision * vision_width * depth_vision + 2 * n_tokens_text * text_width * depth_text
 
@@ -73,17 +75,18 @@ def residual_parameter_count_from_config(model_cfg: Mapping, **kwargs: int) -> i
 
 
 class ResidualPools(nn.Module):
-    """Per-task residual key/value pools for DIKI (spec §3.2, §6.3 "Wiring").
+    """Per-task residual key/value pools for DIKI (docs/diki_mtil_protocol.md#residual-attention).
 
     ``tasks[t]`` is an ``nn.ParameterDict`` with one parameter ``f"{encoder}_{layer}"`` of shape
     ``[2, n_tokens, width]`` per encoder ("vision", "text") and per block ``layer < depth``. One
     parameter per (task, encoder, layer), instead of the reference's single pool tensor holding every
     task, so that only the current task's tensors reach the optimizer: with momentum, Adam or weight
-    decay a shared tensor would move old tasks' slots (spec §5.1, §8 item 11).
+    decay a shared tensor would move old tasks' slots (docs/diki_mtil_protocol.md#training).
 
-    Initialisation (spec §3.2): keys U(-1, 1) drawn from the global CPU generator (so a seed gives the
-    same pools on any device), values 0 (so the model starts as zero-shot CLIP). ``dtype`` float32 is
-    the recommended master copy; the reference keeps them in fp16 (spec §5.2), cast at use either way.
+    Initialisation (docs/diki_mtil_protocol.md#residual-attention): keys U(-1, 1) drawn from the
+    global CPU generator (so a seed gives the same pools on any device), values 0 (so the model starts
+    as zero-shot CLIP). ``dtype`` float32 is the recommended master copy; the reference keeps them in
+    fp16 (docs/diki_mtil_protocol.md#training), cast at use either way.
 
     State-dict keys are ``tasks.{t}.{encoder}_{layer}``; to load a checkpoint with T tasks, call
     :meth:`add_task` T times first.
@@ -146,7 +149,8 @@ class ResidualPools(nn.Module):
         return list(self.tasks[task].values())
 
     def num_parameters_per_task(self) -> int:
-        """Residual parameters per task (163,840 for ViT-B/16, depth 8, 8 tokens; spec §3.2)."""
+        """Residual parameters per task (163,840 for ViT-B/16, depth 8, 8 tokens;
+        docs/diki_mtil_protocol.md#residual-attention)."""
         return residual_parameter_count(
             self.widths["vision"], self.widths["text"], self.depths["vision"], self.depths["text"],
             self.n_tokens["vision"], self.n_tokens["text"],
@@ -186,7 +190,7 @@ def residual_attention(
     residual_kv: torch.Tensor | None = None,
     weight: Weight = None,
 ) -> torch.Tensor:
-    """One DIKI attention layer (spec §3.3, §6.3 steps 1-4) on an open_clip attention module.
+    """One DIKI attention layer (docs/diki_mtil_protocol.md#residual-attention) on an open_clip attention module.
 
     Reads the frozen ``attn.in_proj_weight``, ``in_proj_bias``, ``out_proj`` and ``num_heads``
     directly, which exist both on ``nn.MultiheadAttention`` (open_clip 3.0-3.3) and on open_clip's own
@@ -216,7 +220,7 @@ def residual_attention(
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if residual_kv is not None:
         # (3) residual branch: own softmax over the P task keys, no mask. Einsum against the shared
-        # [P, H, hd] pool instead of materialising per-sample copies (spec §7 item 8).
+        # [P, H, hd] pool instead of materialising per-sample copies (docs/diki_mtil_protocol.md#exact-speed-ups).
         kr, vr = residual_kv.to(q.dtype).unbind(0)
         p = kr.shape[0]
         kr, vr = kr.view(p, heads, hd), vr.view(p, heads, hd)
@@ -239,7 +243,7 @@ def residual_block_forward(
     weight: Weight = None,
 ) -> torch.Tensor:
     """An open_clip ``ResidualAttentionBlock`` with :func:`residual_attention` in place of its
-    attention; the residual/MLP path is unchanged (spec §6.3 step 4)."""
+    attention; the residual/MLP path is unchanged (docs/diki_mtil_protocol.md#residual-attention)."""
     x = x + block.ls_1(residual_attention(block.attn, block.ln_1(x), attn_mask, residual_kv, weight))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -278,12 +282,14 @@ def _check_supported(backbone: ClipBackbone) -> None:
 
 
 class DikiClip(nn.Module):
-    """Frozen CLIP + DIKI residual pools (spec §3, §6.3): the model DIKI trains and evaluates.
+    """Frozen CLIP + DIKI residual pools: the model DIKI trains and evaluates
+    (docs/diki_mtil_protocol.md#residual-attention).
 
     Args:
         backbone: the frozen :class:`~clcli.models.clip.ClipBackbone` (kept as a submodule so that
             ``.to(device)`` moves it; save ``self.pools.state_dict()`` for checkpoints).
-        param_dtype: dtype of the residual parameters (fp32 master copy; reference fp16, spec §5.2).
+        param_dtype: dtype of the residual parameters (fp32 master copy; reference fp16,
+            docs/diki_mtil_protocol.md#training).
         **pool_sizes: keyword arguments of :class:`ResidualPools`, with its defaults:
             ``depth_vision``, ``depth_text``: number of leading blocks with residual pools (8 of 12
             in DIKI); ``n_tokens_vision``, ``n_tokens_text``: residual keys/values per block and task
@@ -316,7 +322,7 @@ class DikiClip(nn.Module):
         return self.pools.add_task()
 
     def residual_parameters(self, task: int) -> list[nn.Parameter]:
-        """Only these go to task ``task``'s optimizer (spec §5.1, §8 item 11)."""
+        """Only these go to task ``task``'s optimizer (docs/diki_mtil_protocol.md#training)."""
         return self.pools.parameters_of(task)
 
     @property
@@ -325,7 +331,8 @@ class DikiClip(nn.Module):
 
     @property
     def logit_scale(self) -> float:
-        """exp(logit_scale) of the frozen CLIP (100 for OpenAI weights, spec §3.4)."""
+        """exp(logit_scale) of the frozen CLIP (100 for OpenAI weights,
+        docs/diki_mtil_protocol.md#text-side-and-logits)."""
         return self.backbone.logit_scale
 
     @property
@@ -339,8 +346,8 @@ class DikiClip(nn.Module):
     ) -> torch.Tensor:
         if task is not None:
             self.pools._check_task(task)
-            # w == 0 everywhere (sigmoid underflow for far-OOD batches, spec §7 item 5): the residual
-            # branch contributes exactly 0, so skip it and return frozen CLIP bit-exactly.
+            # w == 0 everywhere (sigmoid underflow for far-OOD batches): the residual branch contributes
+            # exactly 0, so skip it and return frozen CLIP bit-exactly (docs/diki_mtil_protocol.md#exact-speed-ups).
             if _is_all_zero(weight):
                 task = None
         for i, block in enumerate(blocks):
@@ -358,7 +365,7 @@ class DikiClip(nn.Module):
 
         ``task=None`` (or ``weight`` all zeros) is frozen CLIP. ``weight``: None (= 1, training and
         validation with the oracle task), a scalar, or DIKI's per-sample calibration weights [N]
-        (spec §4.2). Output L2-normalised when ``normalize``.
+        (docs/diki_mtil_protocol.md#calibration-and-task-selection). Output L2-normalised when ``normalize``.
         """
         bb = self.backbone
         x = bb.vision_embed(images)
@@ -371,9 +378,10 @@ class DikiClip(nn.Module):
     ) -> torch.Tensor:
         """Text features [N, D] with task ``task``'s text residuals scaled by ``weight``.
 
-        ``tokens`` [N, L] may be truncated with :func:`clcli.models.clip.truncate_to_eot` (exact, spec
-        §7 item 2). ``weight``: None (= 1), a scalar (DIKI's batch-mean weight, spec §3.4), or one
-        weight per prompt [N]. The residual branch is unmasked; the frozen branch keeps the causal mask.
+        ``tokens`` [N, L] may be truncated with :func:`clcli.models.clip.truncate_to_eot` (exact,
+        docs/diki_mtil_protocol.md#text-side-and-logits). ``weight``: None (= 1), a scalar (DIKI's
+        batch-mean weight), or one weight per prompt [N]. The residual branch is unmasked; the frozen
+        branch keeps the causal mask.
         """
         bb = self.backbone
         x, mask = bb.text_embed(tokens)

@@ -3,7 +3,7 @@
 The backbone returns one feature vector per image (``num_classes=0``: the CLS token after the final
 norm for ViTs, global-average pooled features for CNNs) and owns its preprocessing facts (input
 size, interpolation, normalization); a data recipe may still impose a protocol's normalization
-(SLCA normalizes both ViTs with CIFAR/ImageNet statistics, spec slca.md §2.2).
+(SLCA normalizes both ViTs with CIFAR/ImageNet statistics, docs/slca_protocol.md#preprocessing-recipes).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class TimmBackbone(nn.Module):
     - otherwise random initialization (tiny test models).
 
     ``reinit_final_norm`` replaces a ViT's final LayerNorm by a fresh ``LayerNorm(eps=1e-5)`` (SLCA,
-    spec slca.md §3.1). ``freeze_bn_stats`` keeps BatchNorm running statistics at their pre-trained
+    docs/slca_protocol.md#backbones). ``freeze_bn_stats`` keeps BatchNorm running statistics at their pre-trained
     values during training: a task's batches hold only that task's classes, so updating them would
     re-centre the features on the latest task and shift every old class (the SLCA protocol was
     defined on ViTs, which have no BatchNorm; the affine BN parameters still learn).
