@@ -78,9 +78,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
         for task in rt.track(scenario.tasks[start:], "tasks", total=len(scenario) - start):
             seed_everything(train_seed * 1000 + task.index)  # per task: resume draws the same numbers
             rt.task_index, t = task.index, {"task": task.index}
-            stages = {"train": lambda: (method.begin_task(task), method.train_task(task)),
-                      "end_task": lambda: method.end_task(task),
-                      "eval": lambda: evaluate(method, scenario, task.index, matrix, rt)}
+            stages = {"train": lambda task=task: (method.begin_task(task), method.train_task(task)),
+                      "end_task": lambda task=task: method.end_task(task),
+                      "eval": lambda task=task: evaluate(method, scenario, task.index, matrix, rt)}
             try:
                 for stage, work in stages.items():  # timings: train_s, end_task_s, eval_s
                     tick = time.perf_counter()
