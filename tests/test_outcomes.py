@@ -268,7 +268,7 @@ def test_plot_x_series_equal_a_hand_computation(lr_sweep, tmp_path, capsys):
 
 def test_plot_x_splits_series_by_what_else_differs(tmp_path, capsys):
     """Two methods x two learning rates: two series, each with its own points."""
-    from clcli.series import build_series, log_axis
+    from clcli.aggregate.series import build_series, log_axis
 
     runs = []
     for method, ca in (("slca", True), ("slow_learner", False)):
@@ -290,7 +290,7 @@ def test_plot_x_splits_series_by_what_else_differs(tmp_path, capsys):
 
 def test_group_means_use_complete_runs_only():
     """A run that stopped early is left out by its status, whatever numbers it carries."""
-    from clcli.table import group_runs
+    from clcli.aggregate.group import group_runs
 
     def run(seed, status, acc):
         return {"_path": str(seed), "run": {"method": "slca"}, "seed": seed, "status": status,

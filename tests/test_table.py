@@ -16,6 +16,11 @@ import yaml
 from omegaconf import OmegaConf
 
 from clcli import table as T
+from clcli.aggregate.group import common_choices, group_runs
+from clcli.aggregate.kinds import headline_metrics
+from clcli.aggregate.plot import write_plot
+from clcli.aggregate.render import render_csv
+from clcli.aggregate.tables import build_tables, headline_table
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -112,7 +117,7 @@ def _res(seed, method="slca", lr=1e-4, last=50.0, inc=60.0, paper=None, **extra_
 
 
 def test_seed_only_differences_are_grouped():
-    groups = T.group_runs([_res(1993, last=50), _res(1996, last=60), _res(1997, last=70)])
+    groups = group_runs([_res(1993, last=50), _res(1996, last=60), _res(1997, last=70)])
     assert len(groups) == 1
     s = groups[0].stat("last_acc")
     assert (s.mean, s.n) == (60.0, 3) and s.std == pytest.approx(10.0)  # sample std, ddof=1
@@ -122,17 +127,17 @@ def test_seed_only_differences_are_grouped():
 
 def test_learning_rates_split_groups_with_readable_labels():
     runs = [_res(s, lr=lr, last=lr * 1e5) for lr in (1e-5, 1e-4, 1e-3) for s in (1993, 1996)]
-    groups = T.group_runs(runs)
+    groups = group_runs(runs)
     assert [g.label for g in groups] == ["optim.lr.representation=1e-05", "optim.lr.representation=0.0001",
                                         "optim.lr.representation=0.001"]  # numeric order
     assert all(g.stat("last_acc").n == 2 for g in groups)
-    assert T.common_choices(groups) == {"method": "slca", "data": "synthetic", "backbone": "tiny_vit"}
+    assert common_choices(groups) == {"method": "slca", "data": "synthetic", "backbone": "tiny_vit"}
 
 
 def test_method_choice_labels_and_config_difference_among_siblings():
     runs = [_res(1993, "slca", precision="fp32"), _res(1993, "slow_learner", precision="fp32"),
             _res(1993, "slca", precision="bf16")]
-    labels = [g.label for g in T.group_runs(runs)]
+    labels = [g.label for g in group_runs(runs)]
     # the slca runs differ in precision (kept: it changes numerics); slow_learner has no sibling, and its
     # other config differences (method.ca.enabled) are explained by the method choice
     assert sorted(labels) == ["method=slca precision=bf16", "method=slca precision=fp32", "method=slow_learner"]
@@ -140,23 +145,23 @@ def test_method_choice_labels_and_config_difference_among_siblings():
 
 def test_paper_values_diff_and_unverified_mark(tmp_path):
     paper = {"last_acc": 91.53, "inc_acc": 94.09, "unverified": ["inc_acc"], "source": "figure", "note": "n"}
-    groups = T.group_runs([_res(1993, last=90.0, inc=93.0, paper=paper), _res(1996, last=92.0, inc=95.0, paper=paper)])
-    table = T.headline_table(groups, "class_incremental")
+    groups = group_runs([_res(1993, last=90.0, inc=93.0, paper=paper), _res(1996, last=92.0, inc=95.0, paper=paper)])
+    table = headline_table(groups, "class_incremental")
     row = dict(zip(table.header, table.rows[0]))
     assert row["last_acc"] == "91.00 ± 1.41 (n=2)"
     assert (row["last_acc paper"], row["last_acc Δ"]) == ("91.53", "-0.53")
     assert (row["inc_acc paper"], row["inc_acc Δ"]) == ("94.09*", "-0.09")
     assert "forgetting paper" not in row  # no paper value for it anywhere: no empty columns
     assert any("figure; n" in n for n in table.notes)
-    rec = next(csv.DictReader(T.render_csv(groups).splitlines()))
+    rec = next(csv.DictReader(render_csv(groups).splitlines()))
     assert float(rec["last_acc_diff"]) == pytest.approx(-0.53)
     assert rec["inc_acc_paper_unverified"] == "true" and rec["paper_source"] == "figure"
 
 
 def test_single_run_std_is_a_dash_not_zero():
-    (g,) = T.group_runs([_res(1993)])
+    (g,) = group_runs([_res(1993)])
     assert g.stat("last_acc").std is None and g.stat("last_acc").text() == "50.00 ± – (n=1)"
-    rec = next(csv.DictReader(T.render_csv([g]).splitlines()))
+    rec = next(csv.DictReader(render_csv([g]).splitlines()))
     assert rec["last_acc_std"] == "" and rec["last_acc_n"] == "1"
 
 
@@ -171,8 +176,8 @@ def test_mtil_headline_and_per_dataset_tables():
                 "accuracy_matrix": [[30.0, 80.0, 40.0], [30.0, 85.0, 50.0], [35.0, 90.0, 60.0]], "config": {"seed": seed},
                 "paper": {"transfer": 69.4, "per_dataset": {"transfer": [None, 88.4, 44.6]}}, "_path": str(seed)}
 
-    groups = T.group_runs([mtil(1993, 0.0), mtil(1996, 2.0)])
-    tables = T.build_tables(groups)
+    groups = group_runs([mtil(1993, 0.0), mtil(1996, 2.0)])
+    tables = build_tables(groups)
     assert [t.header[2:5] for t in tables[:1]] == [["transfer", "transfer paper", "transfer Δ"]]
     per = tables[1]
     assert per.header == ["group", "metric", *names]
@@ -184,8 +189,8 @@ def test_mtil_headline_and_per_dataset_tables():
 
 
 def test_plot_writes_png(tmp_path):
-    groups = T.group_runs([_res(1993), _res(1996, last=70.0), _res(1993, "slow_learner")])
-    T.write_plot(groups, tmp_path / "p.png")
+    groups = group_runs([_res(1993), _res(1996, last=70.0), _res(1993, "slow_learner")])
+    write_plot(groups, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
@@ -269,7 +274,7 @@ def test_experiment_composes_with_a_paper_block(experiment):
     paper = cfg.paper
     assert paper.get("source") or paper.get("note"), "paper: needs a source or a note"
     kind = "class_incremental" if experiment.startswith("slca/") else "domain_class_incremental"
-    metrics = set(T.headline_metrics(kind))
+    metrics = set(headline_metrics(kind))
     values = {k: v for k, v in paper.items() if k in metrics}
     assert values, "paper: names the table's metrics (null where not available)"
     assert set(paper.get("unverified") or []) <= {k for k, v in values.items() if v is not None}

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clcli.table import (DASH, Stat, TableError, TextTable, _canon, _fmt_value, _is_number, flatten, group_runs,
-                         headline_metrics, kind_title, ordered_kinds, outcome_text, status_of)
+from clcli.aggregate.group import DASH, Stat, canon, flatten, fmt_value, group_runs, outcome_text
+from clcli.aggregate.kinds import headline_metrics, kind_title, ordered_kinds
+from clcli.aggregate.load import TableError, is_number, status_of
+from clcli.aggregate.tables import TextTable
 
 
 @dataclass
@@ -67,7 +69,7 @@ def _varying_keys(results: list[dict]) -> list[str]:
     values: dict[str, set] = {}
     for r in results:
         for k, v in {**flatten(r["config"]), **r["run"]}.items():
-            values.setdefault(k, set()).add(_canon(v))
+            values.setdefault(k, set()).add(canon(v))
     return sorted(k for k, v in values.items() if len(v) > 1 and k not in ("seed",) and not k.startswith("hydra"))
 
 
@@ -88,8 +90,8 @@ def build_series(results: list[dict], key: str) -> list[Series]:
         points: dict[str, Point] = {}
         for s in g.runs:
             x = swept_value(s["_orig"], key)
-            points.setdefault(_canon(x), Point(x)).runs.append(s["_orig"])
-        ordered = sorted(points.values(), key=lambda p: (0, float(p.x), "") if _is_number(p.x) else (1, 0.0, _canon(p.x)))
+            points.setdefault(canon(x), Point(x)).runs.append(s["_orig"])
+        ordered = sorted(points.values(), key=lambda p: (0, float(p.x), "") if is_number(p.x) else (1, 0.0, canon(p.x)))
         out.append(Series(g.label, g.kind, ordered))
     return out
 
@@ -112,7 +114,7 @@ def _without(config: dict, path: list[str]) -> dict:
 
 
 def log_axis(key: str, xs: list) -> bool:
-    nums = [float(x) for x in xs if _is_number(x)]
+    nums = [float(x) for x in xs if is_number(x)]
     if len(nums) != len(xs) or not nums or min(nums) <= 0:
         return False
     names_lr = "lr" in key.split(".") or key.split(".")[-1].startswith("lr")
@@ -130,7 +132,7 @@ def series_table(series: list[Series], key: str) -> TextTable:
     for s in series:
         for p in s.points:
             cells = [p.stat(m).text() if m in headline_metrics(s.kind) else DASH for m in metrics]
-            rows.append([s.label, _fmt_value(p.x), str(len(p.runs)), outcome_text(p.runs) or DASH, *cells])
+            rows.append([s.label, fmt_value(p.x), str(len(p.runs)), outcome_text(p.runs) or DASH, *cells])
     notes = ["mean ± sample std (ddof=1) over seeds of the complete runs; diverged runs are counted, never averaged."]
     return TextTable(f"metrics against {key}", ["series", key, "runs", "outcome", *metrics], rows, notes)
 
@@ -145,7 +147,7 @@ def series_csv(series: list[Series], key: str) -> str:
                 *[f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]])
     for s in series:
         for p in s.points:
-            row = [s.label, s.kind, _fmt_value(p.x), len(p.runs), len(p.complete), p.incomplete, p.collapsed]
+            row = [s.label, s.kind, fmt_value(p.x), len(p.runs), len(p.complete), p.incomplete, p.collapsed]
             for m in metrics:
                 st = p.stat(m)
                 row += ["" if st.mean is None else repr(st.mean), "" if st.std is None else repr(st.std), st.n]
@@ -170,9 +172,9 @@ def plot_series(series: list[Series], key: str, path: Path) -> None:
     axes = fig.subplots(len(kinds), ncols, squeeze=False)
     xs_all = [p.x for s in series for p in s.points]
     log = log_axis(key, xs_all)
-    categorical = not all(_is_number(x) for x in xs_all)
-    cats = list(dict.fromkeys(_fmt_value(x) for x in xs_all))
-    to_x = (lambda x: cats.index(_fmt_value(x))) if categorical else float
+    categorical = not all(is_number(x) for x in xs_all)
+    cats = list(dict.fromkeys(fmt_value(x) for x in xs_all))
+    to_x = (lambda x: cats.index(fmt_value(x))) if categorical else float
     for r, kind in enumerate(kinds):
         for c, metric in enumerate(headline_metrics(kind)):
             ax = axes[r, c]
