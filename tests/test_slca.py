@@ -55,24 +55,33 @@ def test_new_head_init_and_old_heads_frozen():
     assert heads.slices() == [(0, 10), (10, 210)]
 
 
-def test_stage1_touches_only_current_head_and_loss_is_new_head_ce():
+def test_stage1_step_is_ce_over_the_new_head_and_old_heads_stay(monkeypatch):
+    """Runs the method's own training step (captured from its call to fit) on one batch."""
+    import clcli.methods.slca as slca_module
+
     m, sc = _setup(ca=dict(CA, enabled=False))
     t0, t1 = sc.tasks
     m.begin_task(t0); m.train_task(t0); m.end_task(t0)
     old = copy.deepcopy(m.heads.heads[0].state_dict())
     m.begin_task(t1)
-    # the stage-1 loss = CE over the new head's columns with targets y - known
-    x = torch.stack([t1.train[i][0] for i in range(4)])
-    y = torch.tensor([t1.train[i][1] for i in range(4)])
-    f = m.backbone(x)
-    z = m.heads(f)
-    ref = torch.nn.functional.cross_entropy(z[:, 2:4], y - 2)
-    assert torch.allclose(ref, torch.nn.functional.cross_entropy(m.heads.heads[1](f), y - 2))
-    ref.backward()
-    assert m.heads.heads[0].weight.grad is None  # frozen: no gradient at all
+    steps = []
+    real_fit = slca_module.fit
+    monkeypatch.setattr(slca_module, "fit", lambda step, *a, **k: (steps.append(step), real_fit(step, *a, **k))[1])
     m.train_task(t1)
-    for k, v in m.heads.heads[0].state_dict().items():
+    for k, v in m.heads.heads[0].state_dict().items():  # the old head never moved
         assert torch.equal(v, old[k])
+    x = torch.stack([t1.train[i][0] for i in range(4)])
+    y = torch.tensor([t1.train[i][1] for i in range(4)])  # global labels 2..3
+    m.backbone.zero_grad(set_to_none=True); m.heads.zero_grad(set_to_none=True)
+    loss = steps[0](x, y)
+    with torch.no_grad():
+        z = m.heads(m.backbone(x))
+    expected = torch.nn.functional.cross_entropy(z[:, 2:4], y - 2)  # the new head's columns, local targets
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert not torch.allclose(expected, torch.nn.functional.cross_entropy(z[:, :4], y), atol=1e-3)  # not over all seen
+    loss.backward()
+    assert m.heads.heads[0].weight.grad is None and m.heads.heads[1].weight.grad is not None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.parameters())  # the slow learner learns
 
 
 def test_alignment_trains_a_copy_and_recall_restores_stage1_heads():
