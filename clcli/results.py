@@ -176,11 +176,13 @@ class RunStore:
         files of tasks up to its own; later ones are left over from an interrupted task and ignored).
         A v1 checkpoint holds its statistics itself."""
         ckpts = self.checkpoints()
-        if not ckpts:
-            return None
-        state = self.load_checkpoint(ckpts[-1])
+        return self.state_at(ckpts[-1]) if ckpts else None
+
+    def state_at(self, path: Path) -> dict:
+        """The checkpoint ``path`` of this run with its statistics merged back in (see ``latest_state``)."""
+        state = self.load_checkpoint(path)
         if state.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(f"Checkpoint '{ckpts[-1]}' belongs to a different configuration; refusing to resume from it.")
+            raise CheckpointError(f"Checkpoint '{path}' belongs to a different configuration; refusing to resume from it.")
         stubs = {name: st for name, st in _find_stats(state).items() if st.get("stored_apart")}
         self._stored = {}
         if not stubs:
@@ -193,7 +195,7 @@ class RunStore:
                 merged[name] = stats_lib.merge_states(stub, self._stats_parts(files, name))
             except KeyError as exc:
                 raise CheckpointError(
-                    f"Checkpoint '{ckpts[-1]}' needs the statistics of keys {exc.args[0]} ({name}), which no "
+                    f"Checkpoint '{path}' needs the statistics of keys {exc.args[0]} ({name}), which no "
                     f"statistics file task_00..task_{task:02d}.stats.pt in '{self.ckpt_dir}' holds (deleted?). The run "
                     "cannot resume from it: restore the files, or start the run again in a new directory."
                 ) from exc
