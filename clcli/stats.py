@@ -11,10 +11,14 @@ The lower Cholesky factor of each covariance is computed once, when its key is f
 at the covariance's precision, and kept: one copy per key, never rebuilt per task. A float32 factor of
 the stored float32 covariance is exactly what the reference's ``MultivariateNormal`` computes.
 
-Sampling (x = μ̃ + ε·Lᵀ, the same distribution as ``MultivariateNormal(μ̃, Σ).sample``) runs key by
-key into one preallocated output, in float32 like the reference: the extra memory is one [n, D] noise
-buffer, the factors are never stacked, and the product skips most of Lᵀ's zero lower triangle. The
-noise of key after key is the same stream as one ``randn(K, n, D)`` (CPU, n·D a multiple of 16).
+The keys finalized together (a task's classes) are stored as one block: their covariances and factors
+are rows of two [K, D, D] tensors (``cov[k]`` and the factor of k are views into them), factored by one
+batched Cholesky call. Sampling (x = μ̃ + ε·Lᵀ, the same distribution as
+``MultivariateNormal(μ̃, Σ).sample``) runs in float32 like the reference, a run of consecutive keys of
+one block at a time: one ``randn`` and one batched matmul on views of the block, written into the
+preallocated output. The extra memory is one noise buffer of at most ``SAMPLE_CHUNK`` keys; nothing is
+stacked or copied. The noise of run after run is the same stream as one ``randn(K, n, D)`` (CPU, n·D a
+multiple of 16).
 Log-densities for DIKI are one triangular solve per key, batched (DIKI spec §7 item 3).
 
 Persistence: ``state_dict(keys=...)`` writes a subset of the keys, ``stub_state`` the header without
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 STATE_KIND = "clcli-gaussian-stats"  # tags a state dict so that checkpoint code can find and split it
-TRI_BLOCKS = 4  # column blocks of the sampling product ε·Lᵀ: skips 3/8 of its multiply-adds (zeros of Lᵀ)
+SAMPLE_CHUNK = 64  # keys per sampling step at most (noise buffer: 64 x n x D floats; 50 MB at 256 x 768)
 
 
 class GaussianStats:
@@ -55,7 +59,9 @@ class GaussianStats:
         self._s2: dict[int, torch.Tensor] = {}
         self.mean: dict[int, torch.Tensor] = {}
         self.cov: dict[int, torch.Tensor] = {}
-        self._chol: dict[int, torch.Tensor] = {}
+        self._chol: dict[int, torch.Tensor] = {}  # lower factors, views into the blocks below
+        self._blocks: list[torch.Tensor] = []  # [K_b, D, D] factors of the keys finalized together
+        self._where: dict[int, tuple[int, int]] = {}  # key -> (block, row)
         self.jitter: dict[int, float] = {}
 
     # ---------------------------------------------------------------- accumulation
@@ -93,43 +99,54 @@ class GaussianStats:
             self._n[k], self._s1[k], self._s2[k] = int(buf[0].item()), buf[1 : 1 + d], buf[1 + d :].view(d, d)
 
     def finalize(self) -> list[int]:
-        """Turn pending sums into mean/cov (+ Cholesky); returns the keys finalized. Keys that
-        already have statistics are never recomputed (SLCA: old classes keep theirs)."""
-        done = []
-        for k in list(self._n):
+        """Turn pending sums into mean/cov (+ Cholesky) as one block; returns the keys finalized.
+        Keys that already have statistics are never recomputed (SLCA: old classes keep theirs)."""
+        keys = sorted(self._n)  # in key order: a block's rows are then consecutive labels (long sampling runs)
+        if not keys:
+            return []
+        means = torch.empty(len(keys), self.dim, dtype=torch.float64)
+        covs = torch.empty(len(keys), self.dim, self.dim, dtype=self.cov_dtype)
+        for i, k in enumerate(keys):
             n, s1, s2 = self._n.pop(k), self._s1.pop(k), self._s2.pop(k)
             if n < 2:
                 log.warning("statistics for key %s from %d sample(s): covariance = ridge only", k, n)
             mu = s1 / n
             cov = (s2 - n * torch.outer(mu, mu)) / max(n - 1, 1)
             cov = 0.5 * (cov + cov.T) + self.ridge * torch.eye(self.dim, dtype=torch.float64, device=cov.device)
-            self.set(k, mu, cov)
-            done.append(k)
-        return done
+            means[i], covs[i] = mu.cpu(), cov.cpu()  # cast to cov_dtype on store
+        self.add(keys, means, covs)
+        return keys
 
-    def set(self, k: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
-        """Store key ``k``'s mean (kept float64) and covariance (cast to ``cov_dtype``; ridge already
-        added) on the CPU, and factor it once. ``finalize`` goes through here; so do benchmarks."""
-        self.mean[k] = mean.to(device="cpu", dtype=torch.float64)
-        self.cov[k] = cov.to(device="cpu", dtype=self.cov_dtype)
-        self._chol[k] = self._factor(k)
+    def add(self, keys: list[int], means: torch.Tensor, covs: torch.Tensor) -> None:
+        """Store finalized statistics of ``keys`` as one block: means ``[K, D]`` (kept float64) and
+        covariances ``[K, D, D]`` (ridge included; kept in ``cov_dtype`` on the CPU, without a copy
+        when they already are), factored by one batched Cholesky at that precision (float32: the
+        factor the reference's ``MultivariateNormal`` computes). ``finalize`` and loading go through
+        here; so do benchmarks."""
+        covs = covs.to(device="cpu", dtype=self.cov_dtype)
+        means = means.to(device="cpu", dtype=torch.float64)
+        factors, info = torch.linalg.cholesky_ex(covs)
+        for i in torch.nonzero(info).flatten().tolist():
+            factors[i] = self._factor_with_jitter(int(keys[i]), covs[i])
+        b = len(self._blocks)
+        self._blocks.append(factors)
+        for i, k in enumerate(keys):
+            k = int(k)
+            self.mean[k], self.cov[k], self._chol[k], self._where[k] = means[i], covs[i], factors[i], (b, i)
 
-    def _factor(self, k: int) -> torch.Tensor:
-        """Lower Cholesky factor of the stored covariance, at its precision (float32: the
-        reference's ``MultivariateNormal`` factorisation)."""
-        cov = self.cov[k]
-        L, info = torch.linalg.cholesky_ex(cov)
+    def _factor_with_jitter(self, k: int, cov: torch.Tensor) -> torch.Tensor:
+        """Cholesky of ``cov + jitter·mean(diag)·I``, jitter ×10 from 1e-10 until it succeeds (recorded)."""
         jitter = 1e-10
         scale = float(cov.diagonal().mean().clamp_min(1e-12))
-        while info.item() != 0:
-            if jitter > 1e-1:
-                raise RuntimeError(f"covariance of key {k} is not positive definite even with jitter 1e-1")
-            L, info = torch.linalg.cholesky_ex(cov + jitter * scale * torch.eye(self.dim, dtype=cov.dtype))
+        eye = torch.eye(self.dim, dtype=cov.dtype)
+        while jitter <= 1e-1:
+            L, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
             if info.item() == 0:
                 self.jitter[k] = jitter * scale
                 log.warning("covariance of key %s needed jitter %.1e·mean(diag) to factorize", k, jitter)
+                return L
             jitter *= 10
-        return L
+        raise RuntimeError(f"covariance of key {k} is not positive definite even with jitter 1e-1")
 
     # ---------------------------------------------------------------- queries
     @property
@@ -144,32 +161,46 @@ class GaussianStats:
         keys (DIKI's tasks); sampling never stacks them."""
         return torch.stack([self._chol[k] for k in keys])
 
+    def _runs(self, keys: list[int]):
+        """(start, block, first row, length): ``keys[start:start+length]`` are consecutive rows of one
+        block, at most ``SAMPLE_CHUNK`` of them."""
+        start = 0
+        while start < len(keys):
+            b, r = self._where[keys[start]]
+            m = 1
+            while (m < SAMPLE_CHUNK and start + m < len(keys)
+                   and self._where[keys[start + m]] == (b, r + m)):
+                m += 1
+            yield start, b, r, m
+            start += m
+
     @torch.no_grad()
     def sample(self, keys: list[int], n: int, mean_scale: torch.Tensor | None = None,
                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+               dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` samples per key from N(μ_k·scale_k, Σ_k): features ``[K·n, D]`` grouped by key and
-        the keys ``[K·n]``. Key by key into the output: memory is the output plus one [n, D] noise
-        buffer and one factor on ``device`` at a time."""
+        the keys ``[K·n]``. Memory: the output plus a noise buffer of at most ``SAMPLE_CHUNK`` keys (and
+        on a GPU that many factors at a time). ``out``: the previous call's features, overwritten
+        (an epoch loop then reuses one buffer instead of mapping fresh memory every epoch)."""
         device = torch.device(device)
         d = self.dim
         mu = torch.stack([self.mean[k] for k in keys]) if keys else torch.zeros(0, d, dtype=torch.float64)
         if mean_scale is not None:
             mu = mu * mean_scale.to(dtype=mu.dtype)[:, None]
         mu = mu.to(device=device, dtype=dtype)
-        x = torch.empty(len(keys) * n, d, device=device, dtype=dtype)
-        eps = torch.empty(n, d, device=device, dtype=dtype)
-        edges = [d * j // TRI_BLOCKS for j in range(TRI_BLOCKS + 1)]
-        for i, k in enumerate(keys):
-            torch.randn(n, d, generator=generator, out=eps)
-            L = self._chol[k].to(device=device, dtype=dtype)
-            xk = x[i * n : (i + 1) * n]
-            for a, b in zip(edges[:-1], edges[1:]):  # x[:, a:b] = ε[:, :b]·L[a:b, :b]ᵀ (L[a:b, b:] = 0)
-                if b > a:
-                    torch.mm(eps[:, :b], L[a:b, :b].T, out=xk[:, a:b])
-            xk += mu[i]
+        shape = (len(keys) * n, d)
+        reuse = out is not None and out.shape == shape and out.dtype == dtype and out.device == device and out.is_contiguous()
+        x = (out if reuse else torch.empty(shape, device=device, dtype=dtype)).view(len(keys), n, d)
+        eps = torch.empty(min(len(keys), SAMPLE_CHUNK), n, d, device=device, dtype=dtype)
+        for start, b, r, m in self._runs(keys):
+            e = eps[:m]
+            torch.randn(e.shape, generator=generator, out=e)
+            L = self._blocks[b][r : r + m].to(device=device, dtype=dtype)
+            out = x[start : start + m]
+            torch.bmm(e, L.transpose(1, 2), out=out)
+            out += mu[start : start + m, None, :]
         labels = torch.tensor(keys, dtype=torch.long, device=device).repeat_interleave(n)
-        return x, labels
+        return x.view(-1, d), labels
 
     def log_prob(self, x: torch.Tensor, keys: list[int]) -> torch.Tensor:
         """Log-density ``[B, K]`` of rows of ``x`` under each key's Gaussian (natural log, with
@@ -196,15 +227,16 @@ class GaussianStats:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a full state (``state_dict()``, or ``merge_states`` of a stub and its parts)."""
+        """Load a full state (``state_dict()``, or ``merge_states`` of a stub and its parts); the
+        factors are recomputed, as one block."""
         if state.get("stored_apart"):
             raise ValueError("these statistics were stored apart from the checkpoint (a stub): load the "
                              "checkpoint through clcli.results.RunStore.latest_state(), which merges them back")
         self.dim, self.ridge = int(state["dim"]), float(state["ridge"])
-        self.mean = {int(k): state["mean"][i] for i, k in enumerate(state["keys"])}
-        self.cov = {int(k): state["cov"][i].to(self.cov_dtype) for i, k in enumerate(state["keys"])}
+        self.mean, self.cov, self._chol, self._blocks, self._where = {}, {}, {}, [], {}
         self.jitter = {int(k): float(v) for k, v in state.get("jitter", {}).items()}
-        self._chol = {k: self._factor(k) for k in self.mean}
+        if len(state["keys"]):
+            self.add([int(k) for k in state["keys"]], state["mean"], state["cov"])
 
 
 def is_state(obj) -> bool:

@@ -182,3 +182,13 @@ def test_partial_states_merge_back_to_the_full_state():
     assert torch.equal(t.cholesky([0, 1, 2]), s.cholesky([0, 1, 2]))
     with pytest.raises(KeyError):
         merge_states(stub, iter(parts[:1]))  # keys 0 and 1 are in no part
+
+
+def test_sample_refills_the_given_buffer_with_fresh_draws():
+    s = _fitted(d=16)
+    x, _ = s.sample([0, 1], 8)
+    first = x.clone()
+    y, _ = s.sample([0, 1], 8, out=x)
+    assert y.data_ptr() == x.data_ptr() and not torch.equal(y, first)
+    z, _ = s.sample([1], 8, out=x)  # another shape: a new tensor, the buffer untouched
+    assert z.data_ptr() != x.data_ptr() and z.shape == (8, 16)

@@ -160,8 +160,8 @@ class SLCA:
 
     def _align(self, task: Task) -> TaskHeads:
         """Classifier alignment on features sampled from the class Gaussians (spec §5.3). Memory: the
-        stored factors plus one epoch's samples; the shuffle gathers each batch through the
-        permutation instead of copying the epoch. A non-finite loss raises :class:`DivergenceError`."""
+        stored factors plus one epoch's samples (one buffer, refilled every epoch); the shuffle gathers
+        each batch through the permutation instead of copying the epoch. A non-finite loss raises :class:`DivergenceError`."""
         ca, rt = self.ca, self.rt
         aligned = self.heads.copy()
         aligned.requires_grad_(True)
@@ -170,8 +170,9 @@ class SLCA:
         opt = optim_lib.sgd([(aligned.parameters(), ca["lr"])], momentum=ca["momentum"], weight_decay=ca["weight_decay"])
         sched = optim_lib.scheduler(opt, "cosine", ca["epochs"], 1)
         n, slices = ca["samples_per_class"], aligned.slices()
+        x = None
         for epoch in rt.track(range(ca["epochs"]), "alignment epochs"):
-            x, y = self.stats.sample(labels, n, mean_scale=scale, device=rt.device)
+            x, y = self.stats.sample(labels, n, mean_scale=scale, device=rt.device, out=x)  # one buffer, every epoch
             perm = torch.randperm(len(y)).to(x.device)  # CPU permutation as in the reference
             for i in range(len(labels)):  # C iterations of n mixed-class samples
                 idx = perm[i * n : (i + 1) * n]
