@@ -232,15 +232,11 @@ def _find_stats(state) -> dict[str, dict]:
 
 def _split_stats(state: dict, stored: dict[str, set[int]]) -> tuple[dict, dict[str, dict]]:
     """``state`` with its statistics replaced by stubs, and per statistics entry the partial state of
-    the keys not in ``stored`` yet."""
+    the keys not in ``stored`` yet (whole blocks: the stored tensors, no copy)."""
     new: dict[str, dict] = {}
 
     def split(name, st):
-        rows = [i for i, k in enumerate(st["keys"]) if int(k) not in stored.get(name, ())]
-        fresh = [int(st["keys"][i]) for i in rows]
-        new[name] = {"kind": st["kind"], "dim": st["dim"], "ridge": st["ridge"], "keys": fresh,
-                     "mean": st["mean"][rows], "cov": st["cov"][rows],
-                     "jitter": {int(k): v for k, v in st.get("jitter", {}).items() if int(k) in fresh}}
+        new[name] = stats_lib.select_state(st, [k for k in st["keys"] if int(k) not in stored.get(name, ())])
         return stats_lib.stub_state(st)
 
     return _walk_stats(state, split), new

@@ -21,9 +21,10 @@ stacked or copied. The noise of run after run is the same stream as one ``randn(
 multiple of 16).
 Log-densities for DIKI are one triangular solve per key, batched (DIKI spec §7 item 3).
 
-Persistence: ``state_dict(keys=...)`` writes a subset of the keys, ``stub_state`` the header without
-tensors and ``merge_states`` puts a stub and its parts back together, so that run checkpoints can store
-each key's statistics once, in the checkpoint of the task that finalized it (``clcli.results.RunStore``).
+Persistence: a state holds the blocks (no stacked copy); ``state_dict(keys=...)`` / ``select_state``
+keep a subset of the keys, ``stub_state`` the header without tensors and ``merge_states`` puts a stub
+and its parts back together, so that run checkpoints can store each key's statistics once, in the
+checkpoint of the task that finalized it (``clcli.results.RunStore``).
 
 Near-singular covariances (few samples per class: CUB ~30, few-shot 16) get a documented jitter
 escalation: if the Cholesky of Σ fails, ``jitter·mean(diag Σ)·I`` is added with jitter growing
@@ -60,7 +61,7 @@ class GaussianStats:
         self.mean: dict[int, torch.Tensor] = {}
         self.cov: dict[int, torch.Tensor] = {}
         self._chol: dict[int, torch.Tensor] = {}  # lower factors, views into the blocks below
-        self._blocks: list[torch.Tensor] = []  # [K_b, D, D] factors of the keys finalized together
+        self._blocks: list[dict] = []  # keys finalized together: their keys, means, covariances, factors
         self._where: dict[int, tuple[int, int]] = {}  # key -> (block, row)
         self.jitter: dict[int, float] = {}
 
@@ -123,15 +124,14 @@ class GaussianStats:
         when they already are), factored by one batched Cholesky at that precision (float32: the
         factor the reference's ``MultivariateNormal`` computes). ``finalize`` and loading go through
         here; so do benchmarks."""
-        covs = covs.to(device="cpu", dtype=self.cov_dtype)
-        means = means.to(device="cpu", dtype=torch.float64)
+        covs, means = _own(covs.to(device="cpu", dtype=self.cov_dtype)), _own(means.to(device="cpu", dtype=torch.float64))
         factors, info = torch.linalg.cholesky_ex(covs)
         for i in torch.nonzero(info).flatten().tolist():
             factors[i] = self._factor_with_jitter(int(keys[i]), covs[i])
+        keys = [int(k) for k in keys]
         b = len(self._blocks)
-        self._blocks.append(factors)
+        self._blocks.append({"keys": keys, "mean": means, "cov": covs, "chol": factors})
         for i, k in enumerate(keys):
-            k = int(k)
             self.mean[k], self.cov[k], self._chol[k], self._where[k] = means[i], covs[i], factors[i], (b, i)
 
     def _factor_with_jitter(self, k: int, cov: torch.Tensor) -> torch.Tensor:
@@ -195,7 +195,7 @@ class GaussianStats:
         for start, b, r, m in self._runs(keys):
             e = eps[:m]
             torch.randn(e.shape, generator=generator, out=e)
-            L = self._blocks[b][r : r + m].to(device=device, dtype=dtype)
+            L = self._blocks[b]["chol"][r : r + m].to(device=device, dtype=dtype)
             out = x[start : start + m]
             torch.bmm(e, L.transpose(1, 2), out=out)
             out += mu[start : start + m, None, :]
@@ -216,32 +216,64 @@ class GaussianStats:
 
     # ---------------------------------------------------------------- persistence
     def state_dict(self, keys: list[int] | None = None) -> dict:
-        """Means, covariances and jitter of ``keys`` (default: every finalized key), stacked in key
-        order. Factors are not stored: they are recomputed, identically, on load."""
-        keys = self.keys if keys is None else sorted(int(k) for k in keys)
-        return {
-            "kind": STATE_KIND, "dim": self.dim, "ridge": self.ridge, "keys": keys,
-            "mean": torch.stack([self.mean[k] for k in keys]) if keys else torch.zeros(0, self.dim, dtype=torch.float64),
-            "cov": torch.stack([self.cov[k] for k in keys]) if keys else torch.zeros(0, self.dim, self.dim, dtype=self.cov_dtype),
-            "jitter": {int(k): float(v) for k, v in self.jitter.items() if k in keys},
-        }
+        """Means, covariances and jitter of ``keys`` (default: every finalized key), as the blocks they
+        were finalized in: a block wholly included is the stored tensor itself (no copy). Factors are
+        not stored: they are recomputed, identically, on load."""
+        wanted = set(self.mean) if keys is None else {int(k) for k in keys} & set(self.mean)
+        blocks = [{"keys": blk["keys"], "mean": blk["mean"], "cov": blk["cov"]} for blk in self._blocks]
+        for b, blk in enumerate(blocks):  # a key finalized again lives in its newest block only
+            blk["rows"] = [i for i, k in enumerate(blk["keys"]) if self._where.get(k) == (b, i)]
+        return _select({"kind": STATE_KIND, "dim": self.dim, "ridge": self.ridge, "blocks": blocks,
+                        "jitter": {int(k): float(v) for k, v in self.jitter.items()}}, wanted)
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a full state (``state_dict()``, or ``merge_states`` of a stub and its parts); the
-        factors are recomputed, as one block."""
+        """Load a full state (``state_dict()``, ``merge_states`` of a stub and its parts, or the
+        previous format's stacked ``mean``/``cov``); the factors are recomputed, block by block."""
         if state.get("stored_apart"):
             raise ValueError("these statistics were stored apart from the checkpoint (a stub): load the "
                              "checkpoint through clcli.results.RunStore.latest_state(), which merges them back")
         self.dim, self.ridge = int(state["dim"]), float(state["ridge"])
         self.mean, self.cov, self._chol, self._blocks, self._where = {}, {}, {}, [], {}
         self.jitter = {int(k): float(v) for k, v in state.get("jitter", {}).items()}
-        if len(state["keys"]):
-            self.add([int(k) for k in state["keys"]], state["mean"], state["cov"])
+        blocks = state["blocks"] if "blocks" in state else [state]
+        for blk in blocks:
+            if len(blk["keys"]):
+                self.add(blk["keys"], blk["mean"], blk["cov"])
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it owns its whole storage, else a compact copy (``torch.save`` of a view writes
+    the storage it views)."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _select(state: dict, keys: set[int]) -> dict:
+    """``state`` (blocks with optional ``rows`` already restricted) reduced to ``keys``: whole blocks
+    are kept as they are, partly wanted blocks are cut to the wanted rows (a copy of those rows)."""
+    blocks = []
+    for blk in state["blocks"]:
+        rows = [i for i in blk.get("rows", range(len(blk["keys"]))) if int(blk["keys"][i]) in keys]
+        if not rows:
+            continue
+        if len(rows) == len(blk["keys"]):
+            blocks.append({"keys": [int(k) for k in blk["keys"]], "mean": blk["mean"], "cov": blk["cov"]})
+        else:
+            blocks.append({"keys": [int(blk["keys"][i]) for i in rows], "mean": blk["mean"][rows], "cov": blk["cov"][rows]})
+    held = sorted(k for blk in blocks for k in blk["keys"])
+    return {"kind": STATE_KIND, "dim": state["dim"], "ridge": state["ridge"], "keys": held, "blocks": blocks,
+            "jitter": {int(k): float(v) for k, v in state.get("jitter", {}).items() if int(k) in keys}}
 
 
 def is_state(obj) -> bool:
     """True for a ``GaussianStats.state_dict()`` (full, partial or stub)."""
     return isinstance(obj, dict) and obj.get("kind") == STATE_KIND
+
+
+def select_state(state: dict, keys) -> dict:
+    """The part of a full state holding only ``keys`` (whole blocks without a copy)."""
+    return _select(state, {int(k) for k in keys})
 
 
 def stub_state(state: dict) -> dict:
@@ -252,28 +284,24 @@ def stub_state(state: dict) -> dict:
 
 
 def merge_states(stub: dict, parts) -> dict:
-    """A full state from a ``stub`` and partial states (an iterable, consumed one at a time so that
-    only one part is in memory next to the result) that together hold every key of the stub; a later
-    part wins for a key held twice. Raises ``KeyError`` naming the keys no part holds."""
-    keys = [int(k) for k in stub["keys"]]
-    row = {k: i for i, k in enumerate(keys)}
-    d = int(stub["dim"])
-    mean = torch.empty(len(keys), d, dtype=torch.float64)
-    cov = None
+    """A full state from a ``stub`` and partial states (an iterable) that together hold every key of
+    the stub; a later part wins for a key held twice. The parts' tensors are used as they are (no
+    copy). Raises ``KeyError`` naming the keys no part holds."""
+    wanted = {int(k) for k in stub["keys"]}
+    blocks: list[dict] = []
+    owner: dict[int, tuple[int, int]] = {}
     jitter: dict[int, float] = {}
-    found: set[int] = set()
     for part in parts:
-        if cov is None:
-            cov = torch.empty(len(keys), d, d, dtype=part["cov"].dtype)
-        for i, k in enumerate(part["keys"]):
-            if int(k) in row:
-                mean[row[int(k)]] = part["mean"][i]
-                cov[row[int(k)]] = part["cov"][i]
-                found.add(int(k))
-        jitter.update({int(k): float(v) for k, v in part.get("jitter", {}).items() if int(k) in row})
-    missing = [k for k in keys if k not in found]
+        for blk in part["blocks"]:
+            b = len(blocks)
+            blocks.append(blk)
+            for i, k in enumerate(blk["keys"]):
+                if int(k) in wanted:
+                    owner[int(k)] = (b, i)
+        jitter.update({int(k): float(v) for k, v in part.get("jitter", {}).items()})
+    missing = sorted(wanted - set(owner))
     if missing:
         raise KeyError(missing)
-    if cov is None:
-        cov = torch.zeros(0, d, d)
-    return {"kind": STATE_KIND, "dim": d, "ridge": stub["ridge"], "keys": keys, "mean": mean, "cov": cov, "jitter": jitter}
+    for b, blk in enumerate(blocks):
+        blk["rows"] = [i for i, k in enumerate(blk["keys"]) if owner.get(int(k)) == (b, i)]
+    return _select({"dim": stub["dim"], "ridge": stub["ridge"], "blocks": blocks, "jitter": jitter}, wanted)

@@ -33,7 +33,7 @@ def test_checkpoint_size_does_not_grow_with_finished_tasks(tmp_path):
         size = (ckpt / f"task_{t:02d}.stats.pt").stat().st_size
         assert _stats_bytes(d, len(part["keys"])) <= size < _stats_bytes(d, len(part["keys"])) + 8192
     stub = torch.load(ckpt / "task_02.pt", weights_only=True)["method"]["stats"]
-    assert stub["stored_apart"] and stub["keys"] == list(range(6)) and "cov" not in stub
+    assert stub["stored_apart"] and stub["keys"] == list(range(6)) and "blocks" not in stub
 
 
 def test_default_keeps_newest_checkpoint_and_every_statistics_file(tmp_path):
@@ -91,7 +91,10 @@ def _to_v1(path):
     """Rewrite a v2 checkpoint as the previous format wrote it: statistics inline, no kind tag."""
     state = RunStore(path.parent.parent, torch.load(path, weights_only=True)["fingerprint"]).state_at(path)
     state["format"] = "clcli-checkpoint-v1"
-    state["method"]["stats"] = {k: v for k, v in state["method"]["stats"].items() if k != "kind"}
+    st = state["method"]["stats"]
+    state["method"]["stats"] = {"dim": st["dim"], "ridge": st["ridge"], "keys": [k for b in st["blocks"] for k in b["keys"]],
+                                "mean": torch.cat([b["mean"] for b in st["blocks"]]),
+                                "cov": torch.cat([b["cov"] for b in st["blocks"]]), "jitter": st["jitter"]}
     torch.save(state, path)
 
 

@@ -161,27 +161,43 @@ def test_log_prob_with_float32_factors_matches_float64_multivariate_normal():
 
 
 def test_partial_states_merge_back_to_the_full_state():
+    """Partial states (subsets of keys) plus a stub give back the full statistics; whole blocks are
+    written as the stored tensors themselves, never as stacked copies."""
     from clcli.stats import is_state, merge_states, stub_state
 
-    s = _fitted(d=8, keys=(0, 1, 2))
+    s = _fitted(d=8, keys=(0, 1, 2))  # one block (finalized together)
+    s.update(torch.randn(30, 8), torch.full((30,), 3))
+    s.finalize()  # a second block
     s.jitter[1] = 1e-6
     full = s.state_dict()
-    parts = [s.state_dict(keys=[2]), s.state_dict(keys=[0, 1])]
-    assert is_state(full) and parts[0]["keys"] == [2] and parts[0]["cov"].shape == (1, 8, 8)
+    assert is_state(full) and full["keys"] == [0, 1, 2, 3] and [b["keys"] for b in full["blocks"]] == [[0, 1, 2], [3]]
+    assert full["blocks"][0]["cov"].data_ptr() == s.cov[0].data_ptr()  # the block itself, no copy
+    parts = [s.state_dict(keys=[3, 2]), s.state_dict(keys=[0, 1])]
+    assert parts[0]["keys"] == [2, 3] and parts[0]["blocks"][0]["cov"].shape == (1, 8, 8)  # a cut block: its rows
     assert parts[1]["jitter"] == {1: 1e-6} and parts[0]["jitter"] == {}
     stub = stub_state(full)
-    assert "cov" not in stub and stub["keys"] == [0, 1, 2]
+    assert "blocks" not in stub and stub["keys"] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="stored apart"):
         GaussianStats(8, 1e-4).load_state_dict(stub)
     merged = merge_states(stub, iter(parts))
-    for key in ("mean", "cov"):
-        assert torch.equal(merged[key], full[key])
-    assert merged["jitter"] == {1: 1e-6}
+    assert merged["keys"] == [0, 1, 2, 3] and merged["jitter"] == {1: 1e-6}
     t = GaussianStats(8, 1.0)
     t.load_state_dict(merged)
-    assert torch.equal(t.cholesky([0, 1, 2]), s.cholesky([0, 1, 2]))
+    assert t.keys == [0, 1, 2, 3] and t.ridge == 1e-4
+    for k in range(4):
+        assert torch.equal(t.mean[k], s.mean[k]) and torch.equal(t.cov[k], s.cov[k])
+    assert torch.equal(t.cholesky([0, 1, 2, 3]), s.cholesky([0, 1, 2, 3]))
     with pytest.raises(KeyError):
         merge_states(stub, iter(parts[:1]))  # keys 0 and 1 are in no part
+
+
+def test_previous_stacked_state_format_still_loads():
+    s = _fitted(d=8, keys=(0, 1))
+    old = {"dim": 8, "ridge": 1e-4, "keys": [0, 1], "mean": torch.stack([s.mean[0], s.mean[1]]),
+           "cov": torch.stack([s.cov[0], s.cov[1]]), "jitter": {}}
+    t = GaussianStats(8, 1.0)
+    t.load_state_dict(old)
+    assert torch.equal(t.cholesky([0, 1]), s.cholesky([0, 1])) and t.ridge == 1e-4
 
 
 def test_sample_refills_the_given_buffer_with_fresh_draws():
