@@ -196,9 +196,9 @@ class GaussianStats:
             e = eps[:m]
             torch.randn(e.shape, generator=generator, out=e)
             L = self._blocks[b]["chol"][r : r + m].to(device=device, dtype=dtype)
-            out = x[start : start + m]
-            torch.bmm(e, L.transpose(1, 2), out=out)
-            out += mu[start : start + m, None, :]
+            xs = x[start : start + m]
+            torch.bmm(e, L.transpose(1, 2), out=xs)  # ε·Lᵀ, then + μ̃ (the reference's order: loc + L·ε)
+            xs += mu[start : start + m, None, :]
         labels = torch.tensor(keys, dtype=torch.long, device=device).repeat_interleave(n)
         return x.view(-1, d), labels
 

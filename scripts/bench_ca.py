@@ -1,4 +1,4 @@
-"""Classifier-alignment sampling: clcli's float32 factors + key-by-key sampling vs the SLCA reference's
+"""Classifier-alignment sampling: clcli's float32 factors + block-run sampling vs the SLCA reference's
 per-class ``MultivariateNormal`` rebuilt every epoch (spec slca.md §9 "CA", §10.3).
 
 Every configuration runs in its own child process, so each peak RSS (``ru_maxrss``) is that

@@ -135,7 +135,7 @@ def test_same_draws_give_the_reference_samples_within_float32_rounding():
     """Seeded like the reference (one MultivariateNormal per class, in class order), the samples are
     the reference's up to float32 rounding: |diff| <= 1e-5 x max|x| (the ε·Lᵀ sums run in another order)."""
     s = _fitted()
-    n = 32  # n·D = 1536, a multiple of 16: key-by-key noise is the same stream as one randn(K, n, D)
+    n = 32  # n·D = 1536, a multiple of 16: run-by-run noise is the same stream as one randn(K, n, D)
     scale = torch.tensor([0.95, 1.0], dtype=torch.float64)
     torch.manual_seed(0)
     ref = torch.cat([torch.distributions.MultivariateNormal((s.mean[k] * scale[k]).float(), s.cov[k]).sample((n,))
