@@ -19,11 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clcli import distributed
+from clcli import distributed, stats as stats_lib
 from clcli.errors import CheckpointError
 from clcli.evaluation import scenario_kind
 
-CHECKPOINT_FORMAT = "clcli-checkpoint-v1"
+# v2: statistics of finished keys (SLCA classes, DIKI tasks) live in checkpoints/task_XX.stats.pt, written
+# once by the task that finalized them; task_XX.pt holds the rest of the state and a stub naming the keys.
+# v1 checkpoints (everything inline) are still read.
+CHECKPOINT_FORMAT = "clcli-checkpoint-v2"
+READABLE_FORMATS = ("clcli-checkpoint-v1", CHECKPOINT_FORMAT)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -71,19 +75,33 @@ def config_fingerprint(resolved: dict) -> str:
 
 
 class RunStore:
-    """The files of one run directory."""
+    """The files of one run directory.
+
+    After task t, ``checkpoints/task_XX.pt`` holds the state to resume from (method state, accuracy
+    counts, timings) with every ``GaussianStats`` state in it replaced by a stub, and
+    ``checkpoints/task_XX.stats.pt`` the statistics of the keys first seen in that state: each
+    finished key is written once, so the run dir grows with the classes, not with classes x tasks.
+    Statistics files are always kept; ``keep='last'`` keeps only the newest ``task_XX.pt`` (what a
+    resume needs), ``keep='all'`` every one (a backbone per task). ``latest_state()`` merges the
+    statistics back from the files of tasks up to the newest checkpoint.
+    """
 
     def __init__(self, run_dir: str | Path, fingerprint: str, keep: str = "all"):
         self.dir = Path(run_dir)
         self.fingerprint, self.keep = fingerprint, keep
         self.ckpt_dir = self.dir / "checkpoints"
+        self._stored: dict[str, set[int]] = {}  # per stats entry: keys already in a stats file
 
     @property
     def results_path(self) -> Path:
         return self.dir / "results.json"
 
     def checkpoints(self) -> list[Path]:
-        return sorted(self.ckpt_dir.glob("task_*.pt"))
+        """The resumable checkpoints ``task_XX.pt``, oldest first (not the statistics files)."""
+        return sorted(p for p in self.ckpt_dir.glob("task_*.pt") if not p.name.endswith(".stats.pt"))
+
+    def stats_path(self, task_index: int) -> Path:
+        return self.ckpt_dir / f"task_{task_index:02d}.stats.pt"
 
     def existing_results(self) -> dict | None:
         if not self.results_path.is_file():
@@ -129,18 +147,26 @@ class RunStore:
         return self.load_checkpoint(path).get("fingerprint")
 
     def save_checkpoint(self, task_index: int, state: dict) -> Path:
+        """Write the statistics first seen in ``state`` to ``task_XX.stats.pt``, then the rest to
+        ``task_XX.pt`` (in that order: a checkpoint never names statistics that are not on disk)."""
         path = self.ckpt_dir / f"task_{task_index:02d}.pt"
-        if not distributed.is_main():
-            return path
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "task": task_index, **state}, path)
-        if self.keep == "last":
-            for old in self.checkpoints():
-                if old != path:
-                    old.unlink()
+        slim, new = _split_stats(state, self._stored)
+        if distributed.is_main():
+            header = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "task": task_index}
+            if any(part["keys"] for part in new.values()):
+                atomic_torch_save({**header, "stats": new}, self.stats_path(task_index))
+            atomic_torch_save({**header, **slim}, path)
+            if self.keep == "last":
+                for old in self.checkpoints():
+                    if old != path:
+                        old.unlink()
+        for name, part in new.items():
+            self._stored.setdefault(name, set()).update(int(k) for k in part["keys"])
         return path
 
     def load_checkpoint(self, path: Path) -> dict:
-        """Load with ``weights_only=True`` (no code runs from the file); refuse foreign files."""
+        """Load with ``weights_only=True`` (no code runs from the file); refuse foreign files and
+        formats this version cannot read."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -148,18 +174,86 @@ class RunStore:
                 f"Checkpoint '{path}' cannot be read safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
                 "It is corrupted or not a clcli checkpoint; delete it to restart from the previous task."
             ) from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else None
+        if isinstance(fmt, str) and fmt.startswith("clcli-checkpoint-") and fmt not in READABLE_FORMATS:
+            raise CheckpointError(
+                f"'{path}' is a clcli checkpoint in format {fmt}, which this version cannot read (it reads "
+                f"{', '.join(READABLE_FORMATS)}). Resume it with the clcli version that wrote it, or start the "
+                "run again in a new directory (hydra.run.dir=...)."
+            )
+        if fmt not in READABLE_FORMATS:
             raise CheckpointError(f"'{path}' is not a clcli checkpoint (missing format tag {CHECKPOINT_FORMAT}).")
         return state
 
     def latest_state(self) -> dict | None:
+        """The newest checkpoint with its statistics merged back in (from the ``task_XX.stats.pt``
+        files of tasks up to its own; later ones are left over from an interrupted task and ignored).
+        A v1 checkpoint holds its statistics itself."""
         ckpts = self.checkpoints()
-        if not ckpts:
-            return None
-        state = self.load_checkpoint(ckpts[-1])
+        return self.state_at(ckpts[-1]) if ckpts else None
+
+    def state_at(self, path: Path) -> dict:
+        """The checkpoint ``path`` of this run with its statistics merged back in (see ``latest_state``)."""
+        state = self.load_checkpoint(path)
         if state.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(f"Checkpoint '{ckpts[-1]}' belongs to a different configuration; refusing to resume from it.")
-        return state
+            raise CheckpointError(f"Checkpoint '{path}' belongs to a different configuration; refusing to resume from it.")
+        stubs = {name: st for name, st in _find_stats(state).items() if st.get("stored_apart")}
+        self._stored = {}
+        if not stubs:
+            return state
+        task = int(state["task"])
+        files = [self.stats_path(t) for t in range(task + 1) if self.stats_path(t).is_file()]
+        merged = {}
+        for name, stub in stubs.items():
+            try:
+                merged[name] = stats_lib.merge_states(stub, self._stats_parts(files, name))
+            except KeyError as exc:
+                raise CheckpointError(
+                    f"Checkpoint '{path}' needs the statistics of keys {exc.args[0]} ({name}), which no "
+                    f"statistics file task_00..task_{task:02d}.stats.pt in '{self.ckpt_dir}' holds (deleted?). The run "
+                    "cannot resume from it: restore the files, or start the run again in a new directory."
+                ) from exc
+            self._stored[name] = set(int(k) for k in stub["keys"])
+        return _walk_stats(state, lambda name, st: merged.get(name, st))
+
+    def _stats_parts(self, files: list[Path], name: str):
+        """The ``name`` entries of the statistics files, loaded one at a time."""
+        for f in files:
+            part = self.load_checkpoint(f)
+            if part.get("fingerprint") != self.fingerprint:
+                raise CheckpointError(f"Statistics file '{f}' belongs to a different configuration; refusing to resume.")
+            if name in part.get("stats", {}):
+                yield part["stats"][name]
+            del part
+
+
+def _walk_stats(state, fn, prefix: str = ""):
+    """A copy of the nested dict ``state`` in which every ``GaussianStats`` state (found by its kind
+    tag, named by its key path, e.g. ``method/stats``) is replaced by ``fn(name, it)``."""
+    if stats_lib.is_state(state):
+        return fn(prefix, state)
+    if isinstance(state, dict):
+        return {k: _walk_stats(v, fn, f"{prefix}/{k}" if prefix else str(k)) for k, v in state.items()}
+    return state
+
+
+def _find_stats(state) -> dict[str, dict]:
+    """Every ``GaussianStats`` state in the nested dict ``state``, by key path."""
+    found: dict[str, dict] = {}
+    _walk_stats(state, lambda name, st: found.setdefault(name, st))
+    return found
+
+
+def _split_stats(state: dict, stored: dict[str, set[int]]) -> tuple[dict, dict[str, dict]]:
+    """``state`` with its statistics replaced by stubs, and per statistics entry the partial state of
+    the keys not in ``stored`` yet (whole blocks: the stored tensors, no copy)."""
+    new: dict[str, dict] = {}
+
+    def split(name, st):
+        new[name] = stats_lib.select_state(st, [k for k in st["keys"] if int(k) not in stored.get(name, ())])
+        return stats_lib.stub_state(st)
+
+    return _walk_stats(state, split), new
 
 
 def environment(device: torch.device) -> dict:

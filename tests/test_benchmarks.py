@@ -21,13 +21,17 @@ TOY = {
                       "--train-per-class", "4", "--batch-size", "4", "--repeats", "1", "--device", "cpu"],
     "bench_frozen.py": ["--tasks", "2", "--classes-per-task", "2", "--test-per-class", "4", "--image-size", "32",
                         "--batch-size", "4", "--device", "cpu"],
+    "bench_ca.py --scaling": ["--scaling", "--scaling-classes", "2,3", "--scaling-epochs", "1", "--rounds", "1",
+                              "--classes", "3", "--dim", "16", "--samples", "8", "--epochs", "1", "--device", "cpu"],
+    "bench_scale.py": ["--tasks", "2", "--classes-per-task", "2", "--dim", "16", "--samples", "8", "--ca-epochs", "1",
+                       "--train-per-class", "4", "--test-per-class", "2"],
 }
 
 
 @pytest.mark.parametrize("script", sorted(TOY))
 def test_benchmark_runs_and_ends_with_a_ratio(script):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *TOY[script]], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script.split()[0]), *TOY[script]], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]

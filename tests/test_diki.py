@@ -244,7 +244,8 @@ def test_zeroshot_equals_plain_clip_and_untrained_diki(backbone, scenario):
 def test_end_to_end_synthetic_mtil(method, tmp_path):
     from clcli.train import run
 
-    cfg = compose_cfg([f"method={method}", "data=synthetic_mtil", "backbone=tiny_clip", "device=cpu"])
+    cfg = compose_cfg([f"method={method}", "data=synthetic_mtil", "backbone=tiny_clip", "device=cpu",
+                       "checkpoint.keep=all"])  # all: the resume below starts from task_01.pt
     assert check_config(cfg) == []
     results = run(cfg, tmp_path, {"method": method, "data": "synthetic_mtil", "backbone": "tiny_clip"})
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -259,7 +260,7 @@ def test_end_to_end_synthetic_mtil(method, tmp_path):
         assert on_disk["method_summary"]["residual_parameters_total"] == 3 * 2 * 8 * 64 * 3 * 2
         # resume after task 1 (state_dict/load_state_dict through the run's checkpoints): same matrix
         (tmp_path / "results.json").unlink()
-        (tmp_path / "checkpoints" / "task_02.pt").unlink()
+        (tmp_path / "checkpoints" / "task_02.pt").unlink()  # task_02.stats.pt stays: a leftover, ignored
         cfg.resume = True
         again = run(cfg, tmp_path, {"method": method, "data": "synthetic_mtil", "backbone": "tiny_clip"})
         assert again["accuracy_matrix"] == results["accuracy_matrix"]

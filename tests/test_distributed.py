@@ -191,18 +191,20 @@ def test_torchrun_run_equals_single_process_run(tmp_path):
     """`torchrun --nproc_per_node=2 -m clcli.cli train -m method=slca,frozen` (gloo on CPU) against the
     same runs in one process: identical accuracy counts, checkpoints equal to float32 rounding, files
     written once (rank 0), and the sweep's second job runs in the same process group."""
+    from clcli.results import RunStore
     from conftest import run_tiny
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
     sweep = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clcli.cli",
-           "train", "-m", *UNEVEN, "method=slca,frozen", f"hydra.sweep.dir={sweep}",
+           "train", "-m", *UNEVEN, "method=slca,frozen", "checkpoint.keep=all", f"hydra.sweep.dir={sweep}",
            "hydra.sweep.subdir=${hydra:runtime.choices.method}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:  # the single-process references run meanwhile
-        singles = {m: run_tiny(tmp_path, UNEVEN + [f"method={m}"], f"single_{m}") for m in ("slca", "frozen")}
+        singles = {m: run_tiny(tmp_path, UNEVEN + [f"method={m}", "checkpoint.keep=all"], f"single_{m}")
+                   for m in ("slca", "frozen")}
         out, _ = proc.communicate(timeout=150)
     finally:
         if proc.poll() is None:  # a hang: stop torchrun and its workers (their own process group)
@@ -221,11 +223,13 @@ def test_torchrun_run_equals_single_process_run(tmp_path):
         if method == "frozen":  # rank 0's block of each test set (one eval batch) encoded once, then served
             cache = res["method_summary"]["feature_cache"]
             assert (cache["datasets_encoded"], cache["batches_encoded"], cache["batches_served"]) == (2, 2, 1)
-        ckpts = sorted((run_dir / "checkpoints").glob("task_*.pt"))
+        ckpts = RunStore(run_dir, "").checkpoints()
         assert [p.name for p in ckpts] == ["task_00.pt", "task_01.pt"]
-        for ckpt in ckpts:
-            ours = torch.load(ckpt, weights_only=True)["method"]
-            ref = torch.load(tmp_path / f"single_{method}" / "checkpoints" / ckpt.name, weights_only=True)["method"]
+        for ckpt in ckpts:  # with the statistics merged back from the task_XX.stats.pt files
+            fp = torch.load(ckpt, weights_only=True)["fingerprint"]
+            ours = RunStore(run_dir, fp).state_at(ckpt)["method"]
+            ref_dir = tmp_path / f"single_{method}"
+            ref = RunStore(ref_dir, fp).state_at(ref_dir / "checkpoints" / ckpt.name)["method"]
             # parameters to ~1e-6; class means (|x| ~ 2.5) of features through the trained backbone to ~1e-5
             _assert_states_close(ours, ref, atol=2e-5, rtol=1e-5)
     assert not [p for p in sweep.rglob("*.tmp")]

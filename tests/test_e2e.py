@@ -26,7 +26,10 @@ def test_each_method_runs_and_writes_results(tmp_path, tiny_overrides, method, r
     assert on_disk["environment"]["torch"] and "timm" in on_disk["environment"]
     for name in ("accuracy_matrix.csv", "summary.md", "accuracy_curve.png", "accuracy_matrix.png"):
         assert (run_dir / name).is_file()
-    assert len(list((run_dir / "checkpoints").glob("task_*.pt"))) == rows
+    # checkpoint.keep=last (default): the newest task_XX.pt, plus each task's statistics file (SLCA)
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    stats_files = [f"task_{t:02d}.stats.pt" for t in range(rows)] if method == "slca" else []
+    assert names == sorted([f"task_{rows - 1:02d}.pt", *stats_files])
     csv = (run_dir / "accuracy_matrix.csv").read_text().splitlines()
     assert len(csv) == rows + 1
 

@@ -1,5 +1,6 @@
 """SLCA behaviour (docs/slca_protocol.md#overview) on a tiny ViT and generated images."""
 import copy
+import re
 
 import pytest
 import torch
@@ -108,6 +109,23 @@ def test_alignment_trains_a_copy_and_recall_restores_stage1_heads():
     assert m.aligned is None
     for k, v in backup.items():
         assert torch.equal(m.heads.state_dict()[k], v)
+
+
+def test_non_finite_alignment_loss_is_a_divergence_error_naming_task_epoch_step():
+    """A non-finite CA loss stops with a DivergenceError (recorded as a diverged outcome by the run
+    loop, no traceback) that names the task, the alignment epoch and step, and the keys to change."""
+    from clcli.errors import DivergenceError
+
+    m, sc = _setup(ca=dict(CA, lr=1e30))
+    t0, t1 = sc.tasks
+    m.begin_task(t0); m.train_task(t0); m.end_task(t0)
+    m.begin_task(t1); m.train_task(t1)
+    with pytest.raises(DivergenceError) as err:
+        m.end_task(t1)
+    msg = str(err.value)
+    assert "Classifier alignment diverged in task 1 (task1), alignment epoch 1/2, step " in msg
+    assert re.search(r"step [2-4]/4: loss = (nan|inf)", msg), msg  # the 1e30 step blows up the next loss
+    assert "method.ca.lr (now 1e+30)" in msg and "method.stats.ridge (now 0.0001" in msg
 
 
 def test_no_alignment_at_task0():

@@ -1,6 +1,7 @@
 """GaussianStats against torch.cov / MultivariateNormal (SLCA §5.2, §10; DIKI §4)."""
 import math
 
+import pytest
 import torch
 
 from clcli.stats import GaussianStats
@@ -105,3 +106,105 @@ def test_state_dict_roundtrip():
     t.load_state_dict(s.state_dict())
     assert t.ridge == 1e-4 and t.keys == [0, 1, 2]
     assert torch.equal(t.cholesky([0, 1, 2]), s.cholesky([0, 1, 2]))
+
+
+# ---------------------------------------------------------------- float32 storage and sampling
+
+
+def _fitted(d=48, keys=(0, 1), n=400, ridge=1e-4, cov_dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    s = GaussianStats(d, ridge=ridge, cov_dtype=cov_dtype)
+    for k in keys:
+        A = torch.randn(d, d, generator=g) / d**0.5
+        s.update(torch.randn(n, d, generator=g) @ A.T + k, torch.full((n,), k))
+    s.finalize()
+    return s
+
+
+def test_covariances_and_factors_are_float32_and_factor_is_the_reference_one():
+    """One float32 factor per class, the one ``MultivariateNormal`` computes from the float32 covariance."""
+    s = _fitted()
+    for k in s.keys:
+        assert s.cov[k].dtype == torch.float32 and s._chol[k].dtype == torch.float32
+        ref = torch.distributions.MultivariateNormal(s.mean[k].float(), s.cov[k]).scale_tril
+        assert torch.equal(s._chol[k], ref)
+    assert s.mean[0].dtype == torch.float64  # means stay float64 (float32 mean -> float64, as the reference)
+
+
+def test_same_draws_give_the_reference_samples_within_float32_rounding():
+    """Seeded like the reference (one MultivariateNormal per class, in class order), the samples are
+    the reference's up to float32 rounding: |diff| <= 1e-5 x max|x| (the ε·Lᵀ sums run in another order)."""
+    s = _fitted()
+    n = 32  # n·D = 1536, a multiple of 16: run-by-run noise is the same stream as one randn(K, n, D)
+    scale = torch.tensor([0.95, 1.0], dtype=torch.float64)
+    torch.manual_seed(0)
+    ref = torch.cat([torch.distributions.MultivariateNormal((s.mean[k] * scale[k]).float(), s.cov[k]).sample((n,))
+                     for k in (0, 1)])
+    torch.manual_seed(0)
+    ours, labels = s.sample([0, 1], n, mean_scale=scale)
+    assert ours.dtype == torch.float32 and labels.tolist() == [0] * n + [1] * n
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    torch.manual_seed(0)
+    dense = (s.mean[0] * 0.95).float() + torch.randn(2, n, 48)[0] @ s._chol[0].T  # one randn, dense ε·Lᵀ
+    assert (ours[:n] - dense).abs().max() <= 1e-5 * dense.abs().max()
+
+
+def test_log_prob_with_float32_factors_matches_float64_multivariate_normal():
+    """Float32 factors (SLCA-like storage) against float64 MultivariateNormal of the same float32
+    covariance: relative error of the log-density below 1e-4."""
+    s = _fitted(ridge=1e-3)
+    q = torch.randn(20, 48, generator=torch.Generator().manual_seed(4)) + 0.5
+    lp = s.log_prob(q, [0, 1])
+    for j in (0, 1):
+        ref = torch.distributions.MultivariateNormal(s.mean[j], s.cov[j].double()).log_prob(q.double())
+        assert torch.allclose(lp[:, j], ref, rtol=1e-4, atol=0)
+
+
+def test_partial_states_merge_back_to_the_full_state():
+    """Partial states (subsets of keys) plus a stub give back the full statistics; whole blocks are
+    written as the stored tensors themselves, never as stacked copies."""
+    from clcli.stats import is_state, merge_states, stub_state
+
+    s = _fitted(d=8, keys=(0, 1, 2))  # one block (finalized together)
+    s.update(torch.randn(30, 8), torch.full((30,), 3))
+    s.finalize()  # a second block
+    s.jitter[1] = 1e-6
+    full = s.state_dict()
+    assert is_state(full) and full["keys"] == [0, 1, 2, 3] and [b["keys"] for b in full["blocks"]] == [[0, 1, 2], [3]]
+    assert full["blocks"][0]["cov"].data_ptr() == s.cov[0].data_ptr()  # the block itself, no copy
+    parts = [s.state_dict(keys=[3, 2]), s.state_dict(keys=[0, 1])]
+    assert parts[0]["keys"] == [2, 3] and parts[0]["blocks"][0]["cov"].shape == (1, 8, 8)  # a cut block: its rows
+    assert parts[1]["jitter"] == {1: 1e-6} and parts[0]["jitter"] == {}
+    stub = stub_state(full)
+    assert "blocks" not in stub and stub["keys"] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="stored apart"):
+        GaussianStats(8, 1e-4).load_state_dict(stub)
+    merged = merge_states(stub, iter(parts))
+    assert merged["keys"] == [0, 1, 2, 3] and merged["jitter"] == {1: 1e-6}
+    t = GaussianStats(8, 1.0)
+    t.load_state_dict(merged)
+    assert t.keys == [0, 1, 2, 3] and t.ridge == 1e-4
+    for k in range(4):
+        assert torch.equal(t.mean[k], s.mean[k]) and torch.equal(t.cov[k], s.cov[k])
+    assert torch.equal(t.cholesky([0, 1, 2, 3]), s.cholesky([0, 1, 2, 3]))
+    with pytest.raises(KeyError):
+        merge_states(stub, iter(parts[:1]))  # keys 0 and 1 are in no part
+
+
+def test_previous_stacked_state_format_still_loads():
+    s = _fitted(d=8, keys=(0, 1))
+    old = {"dim": 8, "ridge": 1e-4, "keys": [0, 1], "mean": torch.stack([s.mean[0], s.mean[1]]),
+           "cov": torch.stack([s.cov[0], s.cov[1]]), "jitter": {}}
+    t = GaussianStats(8, 1.0)
+    t.load_state_dict(old)
+    assert torch.equal(t.cholesky([0, 1]), s.cholesky([0, 1])) and t.ridge == 1e-4
+
+
+def test_sample_refills_the_given_buffer_with_fresh_draws():
+    s = _fitted(d=16)
+    x, _ = s.sample([0, 1], 8)
+    first = x.clone()
+    y, _ = s.sample([0, 1], 8, out=x)
+    assert y.data_ptr() == x.data_ptr() and not torch.equal(y, first)
+    z, _ = s.sample([1], 8, out=x)  # another shape: a new tensor, the buffer untouched
+    assert z.data_ptr() != x.data_ptr() and z.shape == (8, 16)

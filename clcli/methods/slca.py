@@ -27,7 +27,7 @@ from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as featu
 from clcli.config import dict_key_problems, number_problem, select_number
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
-from clcli.errors import ConfigError
+from clcli.errors import ConfigError, DivergenceError
 from clcli.methods.base import EvalBatch
 from clcli.models.heads import TaskHeads
 from clcli.stats import GaussianStats
@@ -191,26 +191,33 @@ class SLCA:
         self.stats.finalize()
 
     def _align(self, task: Task) -> TaskHeads:
-        """Classifier alignment on features sampled from the class Gaussians (spec §5.3)."""
+        """Classifier alignment on features sampled from the class Gaussians (spec §5.3). Memory: the
+        stored factors plus one epoch's samples (one buffer, refilled every epoch); the shuffle gathers
+        each batch through the permutation instead of copying the epoch. A non-finite loss raises :class:`DivergenceError`."""
         ca, rt = self.ca, self.rt
         aligned = self.heads.copy()
         aligned.requires_grad_(True)
         labels = list(range(task.labels.stop))
         scale = ca_mean_scale(labels, task.index, self.task_of, task.num_classes, ca["buggy_task_id"]) if ca["mean_scaling"] else None
-        factors = self.stats.cholesky(labels)  # once per task, reused every epoch
         opt = optim_lib.sgd([(aligned.parameters(), ca["lr"])], momentum=ca["momentum"], weight_decay=ca["weight_decay"])
         sched = optim_lib.scheduler(opt, "cosine", ca["epochs"], 1)
         n, slices = ca["samples_per_class"], aligned.slices()
-        guard_where = f"task {task.index} classifier alignment"
+        x = None
         for epoch in rt.track(range(ca["epochs"]), "alignment epochs"):
-            x, y = self.stats.sample(labels, n, mean_scale=scale, device=rt.device, factors=factors)
-            perm = torch.randperm(len(y))  # CPU permutation as in the reference
-            x, y = x[perm.to(x.device)], y[perm.to(y.device)]
+            x, y = self.stats.sample(labels, n, mean_scale=scale, device=rt.device, out=x)  # one buffer, every epoch
+            perm = torch.randperm(len(y)).to(x.device)  # CPU permutation as in the reference
             for i in range(len(labels)):  # C iterations of n mixed-class samples
-                xb, yb = x[i * n : (i + 1) * n], y[i * n : (i + 1) * n]
-                loss = logit_norm_loss(aligned(xb), yb, slices, ca["logit_norm_tau"])
+                idx = perm[i * n : (i + 1) * n]
+                loss = logit_norm_loss(aligned(x[idx]), y[idx], slices, ca["logit_norm_tau"])
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{guard_where}: non-finite loss at epoch {epoch + 1}")
+                    raise DivergenceError(
+                        f"Classifier alignment diverged in task {task.index} ({task.name}), alignment epoch "
+                        f"{epoch + 1}/{ca['epochs']}, step {i + 1}/{len(labels)}: loss = {loss.item():.4g}. The "
+                        "heads are trained on features drawn from the class Gaussians, so this is a failed "
+                        f"optimization, not forgetting: lower method.ca.lr (now {ca['lr']:g}), or check "
+                        f"method.stats.ridge (now {self.stats.ridge:g}; a larger ridge tames near-singular "
+                        "covariances). Checkpoints of finished tasks are kept."
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
