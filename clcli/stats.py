@@ -7,13 +7,13 @@ single loader (spec slca.md §10.2) and the result equals ``torch.cov`` up to fl
 
 Precision: the sums are float64 (a sum of many products needs it); means are kept in float64 and
 covariances in ``cov_dtype`` (float32 for SLCA, as the reference stores them; DIKI asks for float64).
-The lower Cholesky factor of each covariance is computed once, when its key is finalized (or loaded),
-at the covariance's precision, and kept: one copy per key, never rebuilt per task. A float32 factor of
-the stored float32 covariance is exactly what the reference's ``MultivariateNormal`` computes.
+The lower Cholesky factor of each stored covariance is computed once, when its key is finalized (or
+loaded), in float64 (as before: the same factors, so the same samples as earlier clcli versions and
+resumed runs), and kept at the covariance's precision: one copy per key, never rebuilt per task.
 
 The keys finalized together (a task's classes) are stored as one block: their covariances and factors
 are rows of two [K, D, D] tensors (``cov[k]`` and the factor of k are views into them), factored by one
-batched Cholesky call. Sampling (x = μ̃ + ε·Lᵀ, the same distribution as
+batched Cholesky call per chunk of keys. Sampling (x = μ̃ + ε·Lᵀ, the same distribution as
 ``MultivariateNormal(μ̃, Σ).sample``) runs in float32 like the reference, a run of consecutive keys of
 one block at a time: one ``randn`` and one batched matmul on views of the block, written into the
 preallocated output. The extra memory is one noise buffer of at most ``SAMPLE_CHUNK`` keys; nothing is
@@ -121,13 +121,15 @@ class GaussianStats:
     def add(self, keys: list[int], means: torch.Tensor, covs: torch.Tensor) -> None:
         """Store finalized statistics of ``keys`` as one block: means ``[K, D]`` (kept float64) and
         covariances ``[K, D, D]`` (ridge included; kept in ``cov_dtype`` on the CPU, without a copy
-        when they already are), factored by one batched Cholesky at that precision (float32: the
-        factor the reference's ``MultivariateNormal`` computes). ``finalize`` and loading go through
-        here; so do benchmarks."""
+        when they already are), factored by batched float64 Cholesky calls and stored at
+        ``cov_dtype``. ``finalize`` and loading go through here; so do benchmarks."""
         covs, means = _own(covs.to(device="cpu", dtype=self.cov_dtype)), _own(means.to(device="cpu", dtype=torch.float64))
-        factors, info = torch.linalg.cholesky_ex(covs)
-        for i in torch.nonzero(info).flatten().tolist():
-            factors[i] = self._factor_with_jitter(int(keys[i]), covs[i])
+        factors = torch.empty_like(covs)
+        for a in range(0, len(keys), SAMPLE_CHUNK):  # float64 Cholesky, a bounded chunk at a time
+            L, info = torch.linalg.cholesky_ex(covs[a : a + SAMPLE_CHUNK].to(torch.float64))
+            factors[a : a + SAMPLE_CHUNK] = L
+            for i in torch.nonzero(info).flatten().tolist():
+                factors[a + i] = self._factor_with_jitter(int(keys[a + i]), covs[a + i])
         keys = [int(k) for k in keys]
         b = len(self._blocks)
         self._blocks.append({"keys": keys, "mean": means, "cov": covs, "chol": factors})
@@ -135,7 +137,9 @@ class GaussianStats:
             self.mean[k], self.cov[k], self._chol[k], self._where[k] = means[i], covs[i], factors[i], (b, i)
 
     def _factor_with_jitter(self, k: int, cov: torch.Tensor) -> torch.Tensor:
-        """Cholesky of ``cov + jitter·mean(diag)·I``, jitter ×10 from 1e-10 until it succeeds (recorded)."""
+        """Cholesky of ``cov + jitter·mean(diag)·I`` in float64, jitter ×10 from 1e-10 until it
+        succeeds (recorded)."""
+        cov = cov.to(torch.float64)
         jitter = 1e-10
         scale = float(cov.diagonal().mean().clamp_min(1e-12))
         eye = torch.eye(self.dim, dtype=cov.dtype)

@@ -7,7 +7,8 @@ configuration's alone.
 Default: 200 classes x 768 dims x 256 samples x 5 epochs, baseline vs clcli. clcli's factors exist from
 the moment a class is finalized (once per class per run), so its alignment time is the sampling; the
 factorisation is printed next to it, and a second ratio charges it to this one alignment as well. Before
-timing, clcli's samples are checked against the reference's for the same seed (float32 rounding).
+timing, clcli's samples are checked against the reference's for the same seed (relative 1e-3: the
+reference factors in float32, clcli in float64).
 The last line is ``ratio: <baseline / clcli>`` (alignment time of one task).
 
 ``--scaling``: for C in ``--scaling-classes`` (100, 200, 400, 800, 1000) at ``--dim``: clcli's peak RSS,
@@ -108,7 +109,9 @@ def child_clcli(C, D, n, E, dev) -> dict:
     torch.manual_seed(1)
     ours, _ = stats.sample(labels[:k], n, mean_scale=scale[:k])
     same = ((ours - ref).abs().max() / ref.abs().max()).item()
-    assert same <= 1e-5, f"clcli samples differ from the reference's for the same draws: rel {same:.2e}"
+    # the reference factors the float32 covariance in float32, clcli in float64 (then stores float32): the
+    # difference is the reference's float32 factorisation error, ~cond(L)·2^-24 (1e-4 at 768-d, ridge 1e-4)
+    assert same <= 1e-3, f"clcli samples differ from the reference's for the same draws: rel {same:.2e}"
     del ref, ours
     torch.manual_seed(0)
     epochs = []
@@ -161,7 +164,8 @@ def compare(C, D, n, E, device) -> float:
     ours = spawn("clcli", C, D, n, E, device)
     for name, r in (("baseline", base), ("clcli", ours)):
         print(f"{name:9s} class-0 sample mean |err| avg {r['mean_err']:.4f} (target sd avg {r['sd']:.4f})")
-    print(f"clcli vs reference, same draws: max |diff| / max |x| = {ours['same_draw_rel']:.1e} (float32 rounding; bound 1e-5)")
+    print(f"clcli vs reference, same draws: max |diff| / max |x| = {ours['same_draw_rel']:.1e} "
+          "(the reference's float32 Cholesky vs clcli's float64 one, stored float32; bound 1e-3)")
     print(f"device: {device}; {C} classes x {D} dims x {n} samples x {E} epochs")
     print(f"baseline (per-class MultivariateNormal each epoch): {base['time_s']:.2f} s ({E} x best {base['epoch_s']:.3f} s), "
           f"peak RSS {base['peak_mb']:.0f} MB")
