@@ -15,9 +15,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from hydra.utils import get_object, instantiate

@@ -52,7 +52,7 @@ import logging
 import os
 import random
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -8,8 +8,8 @@ per-task values each rounded to 2 decimals first. MTIL metrics follow ZSCL/DIKI 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class AccuracyMatrix:
         out[self.total <= 0] = np.nan
         return out
 
-    def prefix(self, k: int) -> "AccuracyMatrix":
+    def prefix(self, k: int) -> AccuracyMatrix:
         """The first ``k`` tasks as a run of ``k`` tasks (rows and columns ``< k``)."""
         out = AccuracyMatrix(k)
         out.correct, out.total = self.correct[:k, :k].copy(), self.total[:k, :k].copy()
@@ -112,7 +112,7 @@ class ScenarioKind:
     name: str
     title: str                     # table/plot titles
     headline: tuple[str, ...]      # headline metrics, in the papers' column order
-    metrics: Callable[["AccuracyMatrix"], dict]
+    metrics: Callable[[AccuracyMatrix], dict]
     evaluates_future_tasks: bool   # after task t: every task (zero-shot transfer) or the seen ones
     task_label_space: bool         # a test image is classified over its own task's classes, else over all seen
     per_dataset: bool              # per-task metric lists (metrics.per_dataset): tables and curves per task

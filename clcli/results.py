@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clcli import distributed, stats as stats_lib
+from clcli import distributed
+from clcli import stats as stats_lib
 from clcli.errors import CheckpointError
 from clcli.evaluation import scenario_kind
 

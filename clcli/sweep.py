@@ -85,9 +85,9 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         global last_incomplete
-        from rich.console import Console
-
         import sys
+
+        from rich.console import Console
 
         if not distributed.is_main():  # under torchrun every process runs the sweep; rank 0 reports
             return

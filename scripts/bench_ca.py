@@ -116,7 +116,7 @@ def child_clcli(C, D, n, E, dev) -> dict:
     torch.manual_seed(0)
     epochs = []
     x = None
-    for e in range(E):
+    for _e in range(E):
         sync(dev)
         t0 = time.perf_counter()
         x, _ = stats.sample(labels, n, mean_scale=scale, device=dev, out=x)  # as the alignment: one buffer
@@ -187,8 +187,8 @@ def scaling(classes: list[int], D: int, n: int, E: int, device: str, rounds: int
         floor = min((r[1] for r in runs), key=lambda r: r["epoch_s"])
         held = 2 * C * D * D * 4 / 2**20
         print(f"{C:>5} | {ours['factor_s']:>8.2f} | {ours['epoch_s']:>11.3f} | {floor['epoch_s']:>7.3f} | "
-              f"{ours['epoch_s'] / floor['epoch_s']:>12.2f} | {ours['peak_mb']:>11.0f} | {floor['peak_mb']:>12.0f} | {held:>13.0f}",
-              flush=True)
+              f"{ours['epoch_s'] / floor['epoch_s']:>12.2f} | {ours['peak_mb']:>11.0f} | {floor['peak_mb']:>12.0f} | "
+              f"{held:>13.0f}", flush=True)
 
 
 def main() -> None:

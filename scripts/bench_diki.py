@@ -35,8 +35,8 @@ from clcli.data.scenario import build_domain_incremental
 from clcli.data.synthetic import SyntheticSource
 from clcli.engine import Runtime, evaluate
 from clcli.evaluation import AccuracyMatrix
-from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
+from clcli.models.clip import clip_backbone
 
 OPTIM = {"lr": {"representation": 5.0},
          "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0, "weight_decay": 0.0},
@@ -141,7 +141,7 @@ def main() -> None:
     print(f"first stage with an empty cache (fill included): {t_fill:.3f} s")
     times = {"recompute": [], "cached": []}
     reference = None
-    for r in range(args.repeats):
+    for _r in range(args.repeats):
         for name, method in (("recompute", recompute), ("cached", cached)):
             logs[name] = []
             t, matrix = stage(method)

@@ -86,7 +86,8 @@ def main() -> None:
         t_ours = min(t_ours, ours())
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
     print(f"device: {dev}; {args.model} at {args.image_size}px, batch {args.batch_size}, {args.steps} steps, amp {args.amp}")
-    print(f"bare loop: {t_bare:.2f} s ({n / t_bare:.1f} img/s); clcli fit: {t_ours:.2f} s ({n / t_ours:.1f} img/s); peak GPU memory {peak:.0f} MB")
+    print(f"bare loop: {t_bare:.2f} s ({n / t_bare:.1f} img/s); clcli fit: {t_ours:.2f} s ({n / t_ours:.1f} img/s); "
+          f"peak GPU memory {peak:.0f} MB")
     print(f"ratio: {t_bare / t_ours:.2f}")
 
 

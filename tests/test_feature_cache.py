@@ -19,14 +19,13 @@ from PIL import Image
 
 from clcli.cache import FeatureCache
 from clcli.data.images import ImageDataset
-from clcli.data.mtil_data import SyntheticMTILData
 from clcli.engine import Runtime, evaluate
 from clcli.errors import ConfigError
 from clcli.evaluation import AccuracyMatrix
 from clcli.methods.base import EvalBatch
 from clcli.methods.clip_baselines import ZeroShotCLIP
-from clcli.models.clip import clip_backbone
 from clcli.methods.diki import DIKI
+from clcli.models.clip import clip_backbone
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 OPTIM = {"lr": {"representation": 5.0},
@@ -282,7 +281,8 @@ def test_disk_cache_serves_gaussians_and_eval_without_frozen_passes(backbone, sc
             path.write_bytes(b"not a checkpoint")
         else:
             blob = torch.load(path, weights_only=True)
-            blob["key"] = blob["key"].replace('"split": "test"', '"split": "other"').replace('"split": "train"', '"split": "other"')
+            key = blob["key"].replace('"split": "test"', '"split": "other"')
+            blob["key"] = key.replace('"split": "train"', '"split": "other"')
             torch.save(blob, path)
     third = make_diki(backbone, scenario, "disk", feature_cache_dir=str(d))
     learn_all(third, scenario)

@@ -10,13 +10,13 @@ import math
 
 import pytest
 import torch
+from conftest import compose, run_tiny
 from hydra.utils import instantiate
 
 from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.engine import Runtime
 from clcli.methods.base import EvalBatch
 from clcli.models.timm_backbone import TimmBackbone
-from conftest import compose, run_tiny
 
 EVAL_BS = 10  # synthetic test sets hold 24 images: batches of 10, 10 and 4
 TASK_SIZES = [24, 24, 24]  # test images per task (data=synthetic: 2 classes x 12)

@@ -277,7 +277,8 @@ def test_plot_x_splits_series_by_what_else_differs(tmp_path, capsys):
                 runs.append({"_path": f"{method}/{lr}/{seed}", "run": {"method": method}, "seed": seed, "status": "complete",
                              "scenario": {"kind": "class_incremental"},
                              "metrics": {"last_acc": acc + (10 if ca else 0) + lr, "inc_acc": 1.0, "forgetting": 2.0},
-                             "config": {"method": {"ca": {"enabled": ca}}, "optim": {"lr": {"representation": lr}}, "seed": seed}})
+                             "config": {"method": {"ca": {"enabled": ca}}, "optim": {"lr": {"representation": lr}},
+                                        "seed": seed}})
     series = build_series(runs, "optim.lr.representation")
     assert sorted(s.label for s in series) == ["method=slca", "method=slow_learner"]
     slca = next(s for s in series if s.label == "method=slca")

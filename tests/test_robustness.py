@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF
 from PIL import Image
 
 from clcli.cli import main
-from conftest import CONF
 
 TINY = ["data=synthetic", "backbone=tiny_vit", "device=cpu"]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from clcli import optim as optim_lib
 from clcli.data.scenario import build_class_incremental
 from clcli.data.synthetic import SyntheticSource
 from clcli.data.transforms import build_transforms
@@ -15,7 +16,6 @@ from clcli.methods.base import EvalBatch
 from clcli.methods.slca import SLCA, ca_mean_scale, logit_norm_loss
 from clcli.models.heads import TaskHeads
 from clcli.models.timm_backbone import TimmBackbone
-from clcli import optim as optim_lib
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "weight_decay": 5e-4}  # optim/optimizer/sgd
 CA = dict(enabled=True, epochs=2, samples_per_class=16, lr=0.01, momentum=0.9, weight_decay=5e-4,
@@ -143,7 +143,7 @@ def test_statistics_use_test_transform_in_eval_mode():
     with torch.no_grad():
         xs = [t0.train_plain[i] for i in range(len(t0.train_plain))]
         f = m.backbone(torch.stack([x for x, _ in xs])).double()
-        y = torch.tensor([l for _, l in xs])
+        y = torch.tensor([label for _, label in xs])
     for c in (0, 1):
         ref = torch.cov(f[y == c].T) + 1e-4 * torch.eye(f.shape[1], dtype=torch.float64)
         assert torch.allclose(m.stats.cov[c].double(), ref, atol=1e-5)

@@ -94,7 +94,7 @@ class Stat:
     n: int
 
     @classmethod
-    def of(cls, values: list) -> "Stat":
+    def of(cls, values: list) -> Stat:
         vals = np.array([v for v in values if is_number(v) and not math.isnan(v)], dtype=float)
         if vals.size == 0:
             return cls(None, None, 0)

@@ -9,8 +9,9 @@ arrays) where it is small; :func:`clcli.data.images.load_image` turns any item i
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "SplitData":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> SplitData:
         idx = np.asarray(indices, dtype=np.int64)
         items = self.items
         if isinstance(items, np.ndarray):

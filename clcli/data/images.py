@@ -1,7 +1,8 @@
 """Turning dataset items (paths, PIL images, uint8 arrays) into RGB images, with file names in errors."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,6 @@ class ImageDataset(torch.utils.data.Dataset):
         x = self.transform(img) if self.transform is not None else img
         return x, int(self.labels[i])
 
-    def with_transform(self, transform: Callable | None) -> "ImageDataset":
+    def with_transform(self, transform: Callable | None) -> ImageDataset:
         """The same images and labels seen through another transform."""
         return ImageDataset(self.split, self.labels, transform)

@@ -47,8 +47,8 @@ import logging
 import os
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -404,7 +404,7 @@ def _aircraft_dir(root: str) -> str:
     return official
 
 
-def _missing_files(src: "MTILSource") -> list[tuple[str, str]]:
+def _missing_files(src: MTILSource) -> list[tuple[str, str]]:
     """(what, path) of everything the dataset's listing needs that is not on disk (stat calls only)."""
     d, root = src.facts, src.root
     if d.listing == "torchvision":
@@ -424,7 +424,7 @@ def _missing_files(src: "MTILSource") -> list[tuple[str, str]]:
     return missing
 
 
-def _read_coop(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
+def _read_coop(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
     d = src.facts
     path = os.path.join(src.root, d.split_file)
     raw = read_coop_split(path)
@@ -437,7 +437,7 @@ def _read_coop(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
     return data, [names[lab] for lab in sorted(mapping)]
 
 
-def _read_aircraft(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
+def _read_aircraft(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
     """Label = index of the variant in ``variants.txt``; lines ``<image id> <variant>``."""
     d = _aircraft_dir(src.root)
     with open(os.path.join(d, "variants.txt"), encoding="utf-8") as f:
@@ -460,7 +460,7 @@ def _read_aircraft(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
     return data, [prompt_name(v) for v in variants]
 
 
-def _read_torchvision(src: "MTILSource") -> tuple[dict[str, SplitData], list[str]]:
+def _read_torchvision(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
     """Official test; train / val = a per-class split of the official train set, drawn once."""
     x, y, names = src.facts.official(src.root, False, src.download)
     data = {"test": SplitData(x, y)}

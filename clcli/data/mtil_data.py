@@ -18,7 +18,8 @@ Both use the backbone's deterministic test transform for every split
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from clcli.data import mtil
 from clcli.data.base import SourceInfo, SplitData

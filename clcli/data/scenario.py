@@ -8,8 +8,8 @@ own classes (docs/diki_mtil_protocol.md#class-names-and-prompt-templates).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class Scenario:
         """results.json's ``metrics`` (and ``partial_metrics`` when only ``finished`` tasks ran)."""
         return outcome_metrics(self.kind, matrix, finished)
 
-    def joint(self) -> "Scenario":
+    def joint(self) -> Scenario:
         """All tasks merged into one (joint training, the upper bound)."""
         first = self.tasks[0]
         merged = Task(

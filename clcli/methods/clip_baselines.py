@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from clcli import optim as optim_lib
-from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
+from clcli.cache import FeatureCache, FrozenEvalFeatures
+from clcli.cache import mode_problems as feature_cache_problems
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, fit
 from clcli.errors import ConfigError

@@ -22,7 +22,8 @@ Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
 3. ``predict(batch)`` (§4.2): the evaluated dataset is the batch's task (MTIL gives it; the classes
    scored are its own, ``batch.candidates``); for each sample S_b = max over learned tasks k of
    log N(f_b; μ_k, Σ_k) on its frozen normalised feature f_b, k_b the argmax, and
-   w_b = σ(S_b/scale − shift) (scale 512, shift 1). With ``calibration.task_select: batch`` (the reference) the batch uses the majority task of the k_b
+   w_b = σ(S_b/scale − shift) (scale 512, shift 1). With ``calibration.task_select: batch`` (the
+   reference) the batch uses the majority task of the k_b
    (ties: lowest task index), the vision residual is scaled per sample by w_b (each sample's own
    likelihood, even when its own k_b lost the vote, §8 item 2) and the text residual by mean_b(w_b).
    With ``task_select: sample`` each sample uses its own k_b and its own w_b for both its image and
@@ -52,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from clcli import optim as optim_lib
-from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
+from clcli.cache import FeatureCache, FrozenEvalFeatures
+from clcli.cache import mode_problems as feature_cache_problems
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from clcli import optim as optim_lib
-from clcli.cache import FeatureCache, FrozenEvalFeatures, mode_problems as feature_cache_problems
+from clcli.cache import FeatureCache, FrozenEvalFeatures
+from clcli.cache import mode_problems as feature_cache_problems
 from clcli.config import dict_key_problems, number_problem, select_number
 from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
@@ -198,7 +199,8 @@ class SLCA:
         aligned = self.heads.copy()
         aligned.requires_grad_(True)
         labels = list(range(task.labels.stop))
-        scale = ca_mean_scale(labels, task.index, self.task_of, task.num_classes, ca["buggy_task_id"]) if ca["mean_scaling"] else None
+        scale = (ca_mean_scale(labels, task.index, self.task_of, task.num_classes, ca["buggy_task_id"])
+                 if ca["mean_scaling"] else None)
         opt = optim_lib.sgd([(aligned.parameters(), ca["lr"])], momentum=ca["momentum"], weight_decay=ca["weight_decay"])
         sched = optim_lib.scheduler(opt, "cosine", ca["epochs"], 1)
         n, slices = ca["samples_per_class"], aligned.slices()

@@ -32,8 +32,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -211,7 +211,7 @@ class ClipBackbone(nn.Module):
         (docs/diki_mtil_protocol.md#text-side-and-logits)."""
         return float(self.model.logit_scale.detach().float().exp())
 
-    def train(self, mode: bool = True) -> "ClipBackbone":
+    def train(self, mode: bool = True) -> ClipBackbone:
         """Module mode flag only: the frozen CLIP itself always stays in eval mode."""
         super().train(mode)
         self.model.eval()

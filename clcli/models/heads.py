@@ -44,6 +44,6 @@ class TaskHeads(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(features) for h in self.heads], dim=1)
 
-    def copy(self) -> "TaskHeads":
+    def copy(self) -> TaskHeads:
         """An independent deep copy (SLCA's ``backup()``)."""
         return copy.deepcopy(self)

@@ -29,7 +29,7 @@ ViT-B/16 with depth 8 and 8 tokens (1,802,240 for the 11 MTIL tasks), see
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
