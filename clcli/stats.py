@@ -102,6 +102,9 @@ class GaussianStats:
     def finalize(self) -> list[int]:
         """Turn pending sums into mean/cov (+ Cholesky) as one block; returns the keys finalized.
         Keys that already have statistics are never recomputed (SLCA: old classes keep theirs)."""
+        for k in [k for k in self._n if k in self]:  # pending sums of an old key are dropped, not merged
+            log.warning("key %s already has statistics; %d new sample(s) ignored", k, self._n[k])
+            del self._n[k], self._s1[k], self._s2[k]
         keys = sorted(self._n)  # in key order: a block's rows are then consecutive labels (long sampling runs)
         if not keys:
             return []

@@ -45,10 +45,12 @@ def test_old_keys_never_recomputed():
     s.update(x[:100], torch.zeros(100, dtype=torch.long))
     s.finalize()
     mean0, cov0 = s.mean[0].clone(), s.cov[0].clone()
-    s.update(x[100:], torch.ones(200, dtype=torch.long))
+    # a later task brings more samples of key 0 (and a new key 1): key 0 keeps its statistics
+    s.update(x[100:], torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(150, dtype=torch.long)]))
     s.finalize()
     assert torch.equal(s.mean[0], mean0) and torch.equal(s.cov[0], cov0)
     assert s.keys == [0, 1]
+    assert torch.allclose(s.mean[1], x[150:].double().mean(0))
 
 
 def test_samples_match_target_moments_and_mean_scale():
