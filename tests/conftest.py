@@ -23,6 +23,19 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=False)
 
 
+def run_cli(args: list[str], capsys, stdout_only: bool = False) -> tuple[int, str]:
+    """Run `clcli <args>` in-process; return (exit code, stdout + stderr, or stdout alone)."""
+    from clcli.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out if stdout_only else out.out + out.err
+
+
 def run_tiny(tmp_path: Path, overrides: list[str], name: str = "run") -> dict:
     """Run a tiny experiment in-process into tmp_path/name and return results.json as a dict."""
     from hydra import compose as hydra_compose

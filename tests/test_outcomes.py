@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
-from clcli.cli import main
 from clcli.engine import LossGuard, Runtime, fit
 from clcli.errors import DivergenceError
 from clcli.methods.slca import SLCA
@@ -20,14 +20,7 @@ from clcli.methods.slca import SLCA
 TINY = ["data=synthetic", "backbone=tiny_vit", "device=cpu"]
 
 
-def _cli(args, capsys, stdout_only=False):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out if stdout_only else out.out + out.err
+_cli = run_cli
 
 
 class SLCADivergingAt(SLCA):

@@ -9,23 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, run_cli
 from PIL import Image
-
-from clcli.cli import main
 
 TINY = ["data=synthetic", "backbone=tiny_vit", "device=cpu"]
 
 
-def _cli(args, capsys):
-    """Run `clcli <args>` in-process; return (exit code, stdout+stderr)."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out + out.err
+_cli = run_cli
 
 
 def _evil_pickle(path: Path) -> Path:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from clcli.aggregate.kinds import headline_metrics
-from clcli.aggregate.load import is_number, status_of
+from clcli.aggregate.load import collapsed, complete_runs, is_number, status_of
 from clcli.evaluation import scenario_kind
 
 # Config keys that say *where/how* a run ran or *which repetition* it is, not *what* was run.
@@ -55,9 +55,9 @@ def outcome_text(runs: list[dict]) -> str:
     n, parts = len(runs), []
     statuses = Counter(status_of(r) for r in runs if status_of(r) != "complete")
     parts += [f"{st} {k}/{n}" for st, k in sorted(statuses.items())]
-    collapsed = sum(any(w.get("kind") == "collapse" for w in r.get("warnings") or []) for r in runs)
-    if collapsed:
-        parts.append(f"collapse {collapsed}/{n}")
+    n_collapsed = sum(map(collapsed, runs))
+    if n_collapsed:
+        parts.append(f"collapse {n_collapsed}/{n}")
     return "; ".join(parts)
 
 
@@ -136,8 +136,7 @@ class Group:
 
     @property
     def complete(self) -> list[dict]:
-        """The runs that finished every task: the only ones a mean or curve is taken over."""
-        return [r for r in self.runs if status_of(r) == "complete"]
+        return complete_runs(self.runs)
 
     @property
     def outcome(self) -> str:

@@ -77,3 +77,13 @@ def status_of(res: dict) -> str:
     complete: a failed run wrote none)."""
     return res.get("status", "complete")
 
+
+def complete_runs(runs: list[dict]) -> list[dict]:
+    """The runs that finished every task: the only ones a mean or a curve is taken over."""
+    return [r for r in runs if status_of(r) == "complete"]
+
+
+def collapsed(res: dict) -> bool:
+    """Whether some task of the run collapsed to chance level (a ``warnings`` entry)."""
+    return any(w.get("kind") == "collapse" for w in res.get("warnings") or [])
+

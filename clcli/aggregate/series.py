@@ -21,7 +21,7 @@ from typing import Any
 
 from clcli.aggregate.group import DASH, Stat, canon, flatten, fmt_value, group_runs, outcome_text
 from clcli.aggregate.kinds import headline_metrics, kind_title, ordered_kinds
-from clcli.aggregate.load import TableError, is_number, status_of
+from clcli.aggregate.load import TableError, collapsed, complete_runs, is_number
 from clcli.aggregate.tables import TextTable
 
 
@@ -34,7 +34,7 @@ class Point:
 
     @property
     def complete(self) -> list[dict]:
-        return [r for r in self.runs if status_of(r) == "complete"]
+        return complete_runs(self.runs)
 
     @property
     def incomplete(self) -> int:
@@ -42,7 +42,7 @@ class Point:
 
     @property
     def collapsed(self) -> int:
-        return sum(any(w.get("kind") == "collapse" for w in r.get("warnings") or []) for r in self.runs)
+        return sum(map(collapsed, self.runs))
 
     def stat(self, metric: str) -> Stat:
         return Stat.of([r["metrics"].get(metric) for r in self.complete])
