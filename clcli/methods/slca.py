@@ -23,42 +23,18 @@ import torch
 import torch.nn.functional as F
 
 from clcli import optim as optim_lib
+from clcli.alignment import CA_KEYS, STATS_KEYS, align, ca_config_problems, ca_mean_scale, fit_statistics, logit_norm_loss  # noqa: F401 - re-exported
 from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.cache import mode_problems as feature_cache_problems
-from clcli.config import dict_key_problems, number_problem, select_number
+from clcli.config import select_number
 from clcli.data.scenario import Scenario, Task
-from clcli.engine import Runtime, extract_features, fit
-from clcli.errors import ConfigError, DivergenceError
+from clcli.engine import Runtime, fit
+from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
 from clcli.models.heads import TaskHeads
 from clcli.stats import GaussianStats
 
 log = logging.getLogger("clcli")
-
-# The keys of ``method.ca`` and ``method.stats`` SLCA reads (conf/method/slca.yaml documents them).
-CA_KEYS = ("enabled", "epochs", "samples_per_class", "lr", "momentum", "weight_decay", "logit_norm_tau",
-           "mean_scaling", "buggy_task_id")
-STATS_KEYS = ("ridge", "batch_size")
-
-
-def logit_norm_loss(logits: torch.Tensor, targets: torch.Tensor, slices: list[tuple[int, int]], tau: float) -> torch.Tensor:
-    """CE on logits divided by the per-sample mean over tasks of the per-task logit L2 norm, and by
-    τ (spec slca.md §5.3). τ ≤ 0 means plain CE. The divisor is positive per sample, so the argmax
-    is unchanged; the gradient flows through it."""
-    if tau <= 0:
-        return F.cross_entropy(logits, targets)
-    norms = torch.stack([logits[:, a:b].norm(p=2, dim=1) + 1e-7 for a, b in slices], dim=1).mean(1)
-    return F.cross_entropy(logits / norms[:, None] / tau, targets)
-
-
-def ca_mean_scale(labels: list[int], task_index: int, task_of: list[int], current_task_size: int,
-                  buggy_task_id: bool) -> torch.Tensor:
-    """Mean scale 0.9 + 0.1·(t_c + 1)/(T + 1) per class (spec §5.3). With ``buggy_task_id`` the
-    reference's t_c = c // (size of the *current* task) is used (Cars, final task: up to 1.03)."""
-    T = task_index
-    t_c = [c // current_task_size if buggy_task_id else task_of[c] for c in labels]
-    return torch.tensor([0.9 + 0.1 * (t + 1) / (T + 1) for t in t_c], dtype=torch.float64)
-
 
 class SLCA:
     """Slow learner (+ optional classifier alignment) on a feature backbone with one head per task.
@@ -99,25 +75,7 @@ class SLCA:
         backbone will do."""
         ca, stats = dict(ca or {}), dict(stats or {})
         # without alignment only ca.enabled is read (slow_learner, seq_ft and frozen inherit the rest)
-        problems = dict_key_problems(ca, CA_KEYS, "method.ca", required=False)
-        problems += [f"method.ca.{k}: missing; classifier alignment (method.ca.enabled) needs it."
-                     for k in (CA_KEYS if ca.get("enabled", True) else ("enabled",)) if k not in ca]
-        problems += dict_key_problems(stats, STATS_KEYS, "method.stats")
-        for key, value, rule in (
-            ("method.ca.epochs", ca.get("epochs"), dict(minimum=0, integer=True)),
-            ("method.ca.samples_per_class", ca.get("samples_per_class"), dict(minimum=1, integer=True)),
-            ("method.ca.lr", ca.get("lr"), dict(minimum=0, strict=True)),
-            ("method.ca.momentum", ca.get("momentum"), dict(minimum=0)),
-            ("method.ca.weight_decay", ca.get("weight_decay"), dict(minimum=0)),
-            ("method.ca.logit_norm_tau", ca.get("logit_norm_tau"), {}),
-            ("method.stats.ridge", stats.get("ridge"), dict(minimum=0, strict=True)),
-            ("method.stats.batch_size", stats.get("batch_size"), dict(minimum=1, integer=True)),
-        ):
-            if key.rsplit(".", 1)[-1] in (ca if key.startswith("method.ca") else stats):  # missing: reported above
-                problems += number_problem(key, value, **rule)
-        for key in ("enabled", "mean_scaling", "buggy_task_id"):
-            if key in ca and not isinstance(ca[key], bool):
-                problems.append(f"method.ca.{key}: expected true or false, got {ca[key]!r}.")
+        problems = ca_config_problems(ca, stats)
         if "classifier" not in (optim.get("lr") or {}):
             problems.append("optim.lr.classifier: SLCA trains its heads with it, but it is not set; add it "
                             "(e.g. +optim.lr.classifier=0.01).")
@@ -183,49 +141,13 @@ class SLCA:
     # ------------------------------------------------------------------ stages
     def _fit_statistics(self, task: Task) -> None:
         """Per-class mean/covariance of the task's train images, test transform, eval mode, one pass
-        (multi-process: each rank a block of the images, sums reduced across ranks)."""
+        (:func:`clcli.alignment.fit_statistics`)."""
         self.backbone.eval()
-        for f, y in extract_features(self.backbone, task.train_plain, self.rt, batch_size=self.stats_cfg["batch_size"],
-                                     description="class statistics", shard=True):
-            self.stats.update(f, y)
-        self.stats.reduce()
-        self.stats.finalize()
+        fit_statistics(self.stats, self.backbone, task.train_plain, self.rt, self.stats_cfg["batch_size"])
 
     def _align(self, task: Task) -> TaskHeads:
-        """Classifier alignment on features sampled from the class Gaussians (spec §5.3). Memory: the
-        stored factors plus one epoch's samples (one buffer, refilled every epoch); the shuffle gathers
-        each batch through the permutation instead of copying the epoch. A non-finite loss raises :class:`DivergenceError`."""
-        ca, rt = self.ca, self.rt
-        aligned = self.heads.copy()
-        aligned.requires_grad_(True)
-        labels = list(range(task.labels.stop))
-        scale = (ca_mean_scale(labels, task.index, self.task_of, task.num_classes, ca["buggy_task_id"])
-                 if ca["mean_scaling"] else None)
-        opt = optim_lib.sgd([(aligned.parameters(), ca["lr"])], momentum=ca["momentum"], weight_decay=ca["weight_decay"])
-        sched = optim_lib.scheduler(opt, "cosine", ca["epochs"], 1)
-        n, slices = ca["samples_per_class"], aligned.slices()
-        x = None
-        for epoch in rt.track(range(ca["epochs"]), "alignment epochs"):
-            x, y = self.stats.sample(labels, n, mean_scale=scale, device=rt.device, out=x)  # one buffer, every epoch
-            perm = torch.randperm(len(y)).to(x.device)  # CPU permutation as in the reference
-            for i in range(len(labels)):  # C iterations of n mixed-class samples
-                idx = perm[i * n : (i + 1) * n]
-                loss = logit_norm_loss(aligned(x[idx]), y[idx], slices, ca["logit_norm_tau"])
-                if not torch.isfinite(loss):
-                    raise DivergenceError(
-                        f"Classifier alignment diverged in task {task.index} ({task.name}), alignment epoch "
-                        f"{epoch + 1}/{ca['epochs']}, step {i + 1}/{len(labels)}: loss = {loss.item():.4g}. The "
-                        "heads are trained on features drawn from the class Gaussians, so this is a failed "
-                        f"optimization, not forgetting: lower method.ca.lr (now {ca['lr']:g}), or check "
-                        f"method.stats.ridge (now {self.stats.ridge:g}; a larger ridge tames near-singular "
-                        "covariances). Checkpoints of finished tasks are kept."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
-        aligned.requires_grad_(False)
-        return aligned
+        """Classifier alignment of a copy of the heads (:func:`clcli.alignment.align`)."""
+        return align(self.heads, self.stats, self.ca, task, self.task_of, self.rt)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
