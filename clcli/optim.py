@@ -5,8 +5,9 @@ learner 1e-4, 0 freezes it) and ``lr.classifier`` (the heads, 1e-2; only methods
 head read it). The optimizer itself is a config component, ``optim.optimizer`` (the ``optim/optimizer``
 group: ``sgd``, ``sgd_plain``, ``adamw``): a ``_partial_`` ``_target_`` called with the parameter
 groups and their learning rates, so its keys are its constructor's arguments and nothing else.
-Schedules are stepped per epoch (``multistep``, ``cosine``, ``constant``) or per step
-(``cosine_steps``, DIKI's per-iteration cosine to ``final_lr_ratio·lr``).
+Schedules are stepped per epoch (``multistep``, ``cosine``, ``constant``, ``coda_cosine``) or per step
+(``cosine_steps``, DIKI's per-iteration cosine to ``final_lr_ratio·lr``). ``coda_cosine`` is CODA-Prompt's
+per-epoch factor cos(99π·e / (200·(E−1))) (docs/prompt_baselines.md#hyper-parameters-per-benchmark).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-SCHEDULES = ("multistep", "cosine", "constant", "cosine_steps")
+SCHEDULES = ("multistep", "cosine", "constant", "cosine_steps", "coda_cosine")
 # The ``optim`` keys each schedule reads; ``check_config`` refuses one its schedule does not read.
 SCHEDULE_KEYS = {"multistep": ("milestones", "gamma"), "cosine": ("final_lr_ratio",),
-                 "cosine_steps": ("final_lr_ratio",), "constant": ()}
+                 "cosine_steps": ("final_lr_ratio",), "constant": (), "coda_cosine": ()}
 # The keys of ``cfg.optim`` some code reads (``check_config`` refuses any other); ``optimizer`` is the
 # component node, checked against its ``_target_``'s signature. ``lr.classifier`` belongs to the
 # methods with a classifier head, which check it themselves.
@@ -73,6 +74,8 @@ def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_
         fn = lambda s: final_lr_ratio + (1 - final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / total))  # noqa: E731
     elif schedule == "constant":
         fn = lambda e: 1.0  # noqa: E731
+    elif schedule == "coda_cosine":
+        fn = lambda e: math.cos(99 * math.pi * e / (200 * max(epochs - 1, 1)))  # noqa: E731
     else:
         raise ValueError(f"optim.schedule: unknown '{schedule}' (known: {', '.join(SCHEDULES)})")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
