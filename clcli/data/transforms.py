@@ -54,7 +54,7 @@ def build_transforms(recipe: str, backbone) -> tuple[Callable, Callable]:
                                         interpolation=T.InterpolationMode.BILINEAR)
         else:
             train = T.RandomResizedCrop(crop)
-        test = ([T.Resize(crop)] if recipe == "prompt_coda_cifar"  # CIFAR is square: a plain resize
+        test = ([T.Resize((crop, crop))] if recipe == "prompt_coda_cifar"  # CIFAR is square: a plain resize
                 else [T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(crop)])
         return T.Compose([train, T.RandomHorizontalFlip(), T.ToTensor()]), T.Compose([*test, T.ToTensor()])
     interp = _interp(backbone.interpolation)
