@@ -7,7 +7,7 @@ random batch. Inference: ``predict`` on a batch with the query computed (not ser
 cache). Timings alternate between the methods over several rounds and report the median per method,
 so that a slow phase of a shared machine hits every method alike; one run prints every ratio.
 
-    python scripts/bench_prompts.py                    # ViT 64 px / patch 8 / width 192 / depth 6, batch 16
+    python scripts/bench_prompts.py     # ViT 112 px / patch 8 (197 tokens, as ViT-B/16 at 224), width 192, depth 6, batch 16
     python scripts/bench_prompts.py --threads 2 --rounds 7
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def time_predict(m, task, x) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--img", type=int, default=64)
+    p.add_argument("--img", type=int, default=112)
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--depth", type=int, default=6)
