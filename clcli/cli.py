@@ -16,6 +16,7 @@ commands:
   validate [overrides]   check a configuration (keys, values, data dirs, weight files) and exit
   table DIR              aggregate results.json files under DIR into a mean ± std table
   data prepare NAME      turn a downloaded dataset into the folder layout clcli reads
+  data download NAME     download, verify, extract and prepare imagenet_r or cub200 (resumable)
 
 Examples:
   clcli train                                   # SLCA on split_digits with EfficientNet-Lite0 (offline)
