@@ -169,7 +169,8 @@ class TimmBackbone(nn.Module):
       onto timm's ``efficientnet_lite0`` (same tensors, other names) and loaded strictly;
     - ``checkpoint_path``: a local file (e.g. MoCo v3 ``vit-b-300ep`` converted to DeiT keys), loaded
       strictly except for classifier-head keys;
-    - ``pretrained: true``: timm's pretrained tag (downloaded from the hub where reachable);
+    - ``pretrained: true``: timm's pretrained tag, from the local Hugging Face cache (``clcli validate``
+      reports weights that are not cached: :func:`timm_weights_problems`);
     - otherwise random initialization (tiny test models).
 
     ``reinit_final_norm`` replaces a ViT's final LayerNorm by a fresh ``LayerNorm(eps=1e-5)`` (SLCA,
