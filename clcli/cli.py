@@ -16,6 +16,7 @@ commands:
   validate [overrides]   check a configuration (keys, values, data dirs, weight files) and exit
   table DIR              aggregate results.json files under DIR into a mean ± std table
   data prepare NAME      turn a downloaded dataset into the folder layout clcli reads
+  data download NAME     download, verify, extract and prepare imagenet_r or cub200 (resumable)
   eval RUN_DIR [task=K] [key=value] [--output DIR]
                          evaluate a finished run again from its checkpoints (paths.data_dir=, device=,
                          eval.batch_size= may change); writes RUN_DIR/eval[-N]/ or DIR
