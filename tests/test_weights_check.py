@@ -2,10 +2,13 @@
 as ``backbone.checkpoint_path`` (no network: the cache layout is read, nothing is downloaded)."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
+
+from clcli.models import timm_backbone
 
 IN21K_REPO = "timm/vit_base_patch16_224.augreg_in21k"
 CLIP_REPO = "timm/vit_base_patch16_clip_224.openai"  # open_clip's hub copy of OpenAI's ViT-B/16
@@ -20,6 +23,8 @@ def hf_home(tmp_path, monkeypatch) -> Path:
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "hf"
     monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline by choice: no reachability probe
+    timm_backbone.host_reachable.cache_clear()
     return home
 
 
@@ -144,3 +149,25 @@ def test_the_checked_layout_is_the_one_timm_loads_offline(hf_home, monkeypatch):
     assert TimmBackbone.config_problems(model_name=name, pretrained=True) == []
     loaded = timm.create_model(name, pretrained=True)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in reference.state_dict().items())
+
+
+def test_an_uncached_weight_is_no_problem_where_the_hub_is_reachable(hf_home, monkeypatch, capsys):
+    """Online, the run downloads the weights itself; only an unreachable hub makes them a problem."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    probed = []
+
+    def connect(address, timeout):
+        probed.append(address)
+        return socket.socket()  # a connection that opened
+
+    monkeypatch.setattr(timm_backbone.socket, "create_connection", connect)
+    code, out = _validate(TIMM, capsys)
+    assert code == 0 and probed == [("huggingface.co", 443)], out
+
+    def refuse(address, timeout):
+        raise OSError("Name or service not known")
+
+    timm_backbone.host_reachable.cache_clear()
+    monkeypatch.setattr(timm_backbone.socket, "create_connection", refuse)
+    code, out = _validate(TIMM, capsys)
+    assert code == 2 and f"hub repo '{IN21K_REPO}'" in out, out

@@ -7,8 +7,11 @@ size, interpolation, normalization); a data recipe may still impose a protocol's
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -104,11 +107,32 @@ def cached_hub_file(repo: str, filenames: list[str], cache_dir: str | os.PathLik
     return None
 
 
+@functools.cache
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a download from ``url`` could start: False with ``HF_HUB_OFFLINE=1`` (offline by
+    choice) or when no TCP connection to its host opens within ``timeout`` seconds. A probe, not a
+    download: without network it fails in well under a second (no DNS), where the hub client itself
+    hangs for about a minute before giving up."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+    except (OSError, TypeError):
+        return False
+    return True
+
+
+def hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
 def hub_weights_problem(what: str, repo: str, filenames: list[str], cache_dir: str | os.PathLike | None,
                         checkpoint_fix: str) -> list[str]:
-    """A ``clcli validate`` problem when the hub weights of ``what`` are not cached: the run would
-    try to download them at its start and fail (or hang) without network access."""
-    if cached_hub_file(repo, filenames, cache_dir):
+    """A ``clcli validate`` problem when the hub weights of ``what`` are not cached and the hub cannot
+    be reached (or ``HF_HUB_OFFLINE=1``): the run would try to download them at its start and fail
+    (or hang). With the hub reachable the run downloads them itself, so that is no problem."""
+    if cached_hub_file(repo, filenames, cache_dir) or host_reachable(hf_endpoint()):
         return []
     cache = Path(cache_dir) if cache_dir else hf_hub_cache_dir()
     repo_id, _, revision = repo.partition("@")
@@ -152,10 +176,10 @@ def timm_weights_problems(model_name: str, model_kwargs: dict | None = None) -> 
         return hub_weights_problem(what, cfg["hf_hub_id"], names, None, hint)
     if cfg.get("url"):
         target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg["url"].split("?")[0])
-        if target.is_file():
+        if target.is_file() or host_reachable(cfg["url"]):
             return []
         return [f"{what}: the weights '{target}' are not cached and the run would download them from {cfg['url']}, "
-                f"which fails without network access. Fix: download that URL into '{target.parent}' where the network "
+                f"which is not reachable from here. Fix: download that URL into '{target.parent}' where the network "
                 f"is reachable and copy it here, or set {hint}."]
     return [f"backbone.pretrained=true: timm lists no weights source for '{model_name}'; set backbone.pretrained=false "
             "or backbone.checkpoint_path=<weights file>."]
