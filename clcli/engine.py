@@ -245,6 +245,60 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
     return history
 
 
+def fit_iterations(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, iterations: int,
+                   optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
+                   after_step: Callable[[int], None] | None = None, require_learning: bool = False) -> list[float]:
+    """Iteration-based training (``optim.iterations``, docs/diki_mtil_protocol.md#iteration-based-tasks):
+    optimizer steps ``s = 0..iterations`` (inclusive, as ZSCL's loop: ``iterations + 1`` steps),
+    cycling ``loader`` — a new pass (re-shuffled) whenever the previous one is used up, i.e. at every
+    multiple of ``len(loader)``. The schedule is stepped after every optimizer step;
+    ``after_step(s)`` runs after step ``s``'s update (ZSCL's weight average). Returns the mean loss of
+    every pass over the loader (the last one possibly partial). Same loss contract, guards and
+    multi-process behaviour as :func:`fit`, which this mirrors step for step."""
+    guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16 and all(
+        p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"]))
+    total_steps, history, s, n_pass = iterations + 1, [], 0, 0
+    if len(loader) == 0:
+        raise ValueError(f"{where}: the training loader is empty")
+    bar = iter(rt.track(range(total_steps), f"{where} steps"))
+    while s < total_steps:
+        total, count = 0.0, 0
+        with distributed.epoch(loader):  # one pass = one epoch of the loader
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss, n = None, 0
+                if batch is not None:
+                    x, y = batch
+                    x, y = rt.images(x), y.to(rt.device, non_blocking=True)
+                    with rt.autocast():
+                        loss = step(x, y)
+                    scaler.scale(loss).backward()
+                    n = len(y)
+                value, n = distributed.average_gradients(optimizer, loss, n)
+                guard.check(value, n_pass, s)
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                if after_step is not None:
+                    after_step(s)
+                total, count = total + value * n, count + n
+                s += 1
+                next(bar, None)
+                if s >= total_steps:
+                    break
+        history.append(total / max(count, 1))
+        log.info("%s pass %d (step %d/%d): loss %.4f", where, n_pass + 1, s, total_steps, history[-1])
+        n_pass += 1
+    for _ in bar:  # close the progress bar
+        pass
+    optimizer.zero_grad(set_to_none=True)
+    if require_learning and history and (collapse := guard.collapse(history[-1], len(history))) is not None:
+        rt.warn(collapse)
+    return history
+
+
 @torch.inference_mode()
 def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], dataset, rt: Runtime,
                      batch_size: int | None = None, description: str = "features", shard: bool = False):
