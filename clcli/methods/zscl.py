@@ -54,8 +54,9 @@ log = logging.getLogger("clcli")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 TEXT_FEATURES = ("teacher", "student")
-REF_IMAGES = {"path": None, "subset_size": None, "batch_size": 64}
-REF_TEXTS = {"path": None, "max_texts": None}
+REF_IMAGES = {"path": None, "subset_size": None, "batch_size": 64, "standin": None}
+REF_TEXTS = {"path": None, "max_texts": None, "standin": None}
+STANDIN_NOTE = "a generated stand-in (tests and the tiny benchmark only; not ZSCL's reference data)"
 GET_IMAGES = ("the ImageNet-1k train folder (ILSVRC2012_img_train.tar from https://image-net.org, extracted to "
               "<dir>/train/<wnid>/*.JPEG) — or any folder of diverse images (a deviation from ZSCL)")
 GET_TEXTS = ("the Conceptual Captions validation file Validation_GCC-1.1.0-Validation.tsv (caption<TAB>url per line; "
@@ -180,9 +181,11 @@ class ZSCL(ContinualCLIPFT):
         text_features: ``teacher`` (the reference code: cached teacher features of the reference
             texts) or ``student`` (the student encodes the texts every step, with gradient).
         we_every: weight-ensemble period in steps (100); 0 or null = no ensemble (the raw weights).
-        ref_images: ``{path, subset_size, batch_size}`` — the reference image folder, an optional fixed
-            random subset size (generator seed 42), images per step (64).
-        ref_texts: ``{path, max_texts}`` — the captions file; ``max_texts`` keeps the first N.
+        ref_images: ``{path, subset_size, batch_size, standin}`` — the reference image folder, an optional
+            fixed random subset size (generator seed 42), images per step (64); ``standin: N`` replaces
+            the folder by N seeded noise images (tests and the tiny benchmark only).
+        ref_texts: ``{path, max_texts, standin}`` — the captions file; ``max_texts`` keeps the first N;
+            ``standin: N`` uses N fixed generated captions instead (tests only).
     """
 
     name = "zscl"
@@ -249,21 +252,22 @@ class ZSCL(ContinualCLIPFT):
         if unknown:
             problems.append(f"{', '.join(unknown)}: unknown key(s); ref_images takes {', '.join(REF_IMAGES)}, "
                             f"ref_texts takes {', '.join(REF_TEXTS)}.")
-        for key, value, rule in (("ref_images.batch_size", imgs["batch_size"], 1), ("ref_images.subset_size",
-                                                                                     imgs["subset_size"], 1),
+        for key, value, rule in (("ref_images.batch_size", imgs["batch_size"], 1),
+                                 ("ref_images.subset_size", imgs["subset_size"], 1),
+                                 ("ref_images.standin", imgs["standin"], 1), ("ref_texts.standin", txts["standin"], 1),
                                  ("ref_texts.max_texts", txts["max_texts"], 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < rule):
                 problems.append(f"method.{key}: expected null or an integer >= {rule}, got {value!r}.")
         if distills:
             path = imgs["path"]
-            if not path or not os.path.isdir(str(path)):
+            if imgs["standin"] is None and (not path or not os.path.isdir(str(path))):
                 problems.append(
                     f"method.ref_images.path={path!r}: ZSCL distils on a reference image folder, which is missing. "
                     f"Expected <path>/<class>/*.jpg (ImageFolder layout, labels unused). Get {GET_IMAGES}, and set "
                     "method.ref_images.path to it (docs/diki_mtil_protocol.md#zscl-reference-data); "
                     "method.lambda_img=0 method.lambda_txt=0 trains without distillation.")
             path = txts["path"]
-            if not path or not os.path.isfile(str(path)):
+            if txts["standin"] is None and (not path or not os.path.isfile(str(path))):
                 problems.append(
                     f"method.ref_texts.path={path!r}: ZSCL distils against reference captions, whose file is missing. "
                     f"Get {GET_TEXTS}, and set method.ref_texts.path to it (docs/diki_mtil_protocol.md#zscl-reference-data).")
@@ -272,6 +276,14 @@ class ZSCL(ContinualCLIPFT):
     # ------------------------------------------------------------------ reference data
     def reference_images(self) -> ImageDataset:
         """The reference images (test transform), with the fixed subset when ``subset_size`` is set."""
+        if self._ref_dataset is None and self.ref_images_cfg["standin"] is not None:
+            n, size = int(self.ref_images_cfg["standin"]), self.backbone.model.visual.preprocess_cfg["size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            rng = np.random.RandomState(0)
+            items = [(rng.rand(*size, 3) * 255).astype(np.uint8) for _ in range(n)]
+            zeros = np.zeros(n, dtype=np.int64)
+            self._ref_dataset = ImageDataset(SplitData(items, zeros), zeros, self.backbone.transform(False))
+            log.warning("zscl: %d noise reference images, %s", n, STANDIN_NOTE)
         if self._ref_dataset is None:
             cfg = self.ref_images_cfg
             paths = list_images(str(cfg["path"]))
@@ -291,7 +303,11 @@ class ZSCL(ContinualCLIPFT):
         teacher never changes); tokens truncated to the longest EOT + 1 (exact for CLIP's text tower)."""
         if self._ref_text is None:
             cfg = self.ref_texts_cfg
-            captions = read_captions(str(cfg["path"]))
+            if cfg["standin"] is not None:
+                captions = [f"a photo of object number {i} on a table." for i in range(int(cfg["standin"]))]
+                log.warning("zscl: %d fixed reference captions, %s", len(captions), STANDIN_NOTE)
+            else:
+                captions = read_captions(str(cfg["path"]))
             if cfg["max_texts"] is not None:
                 captions = captions[: cfg["max_texts"]]
             if not captions:
@@ -300,7 +316,7 @@ class ZSCL(ContinualCLIPFT):
             with torch.no_grad():
                 feats = torch.cat([self.teacher.encode_text(chunk) for chunk in tokens.split(1024)])
             self._ref_text = (tokens, feats)
-            log.info("zscl: %d reference captions from %s", len(captions), cfg["path"])
+            log.info("zscl: %d reference captions from %s", len(captions), cfg["path"] or "the stand-in")
         return self._ref_text
 
     # ------------------------------------------------------------------ training hooks
@@ -357,5 +373,6 @@ class ZSCL(ContinualCLIPFT):
             "we_every": self.we_every,
             "reference_images": len(self._ref_dataset) if self._ref_dataset is not None else None,
             "reference_texts": int(self._ref_text[0].shape[0]) if self._ref_text is not None else None,
+            "reference_standin": bool(self.ref_images_cfg["standin"] or self.ref_texts_cfg["standin"]),
         })
         return out
