@@ -46,6 +46,8 @@ def test_ensemble_classifier_is_the_normalised_mean_of_normalised_text_features(
 def test_protocol_recorded_and_checked(tiny_clip):
     s = SyntheticMTILData(protocol="zscl").build(tiny_clip)
     assert s.manifest()["protocol"]["name"] == "zscl" and s.manifest()["protocol"]["eval_templates"] == "ensemble"
+    assert all(len(t.eval_prompt_sets()) == 3 for t in s.tasks)  # every task carries its ensemble
+    assert all(t.eval_templates is None for t in SyntheticMTILData().build(tiny_clip).tasks)
     assert SyntheticMTILData().build(tiny_clip).manifest()["protocol"]["eval_templates"] == "first"
     (problem,) = SyntheticMTILData(protocol="coop").problems()
     assert problem.startswith("data.protocol:") and "zscl" in problem
@@ -69,7 +71,7 @@ def _coop_fewshot(items_labels, k, rng_module):
 
 def test_few_shot_draws_follow_the_reference_rule_and_stream(monkeypatch):
     a = SyntheticSource(num_classes=3, train_per_class=9, val_per_class=6, test_per_class=2, seed=1, name="a")
-    b = SyntheticSource(num_classes=2, train_per_class=3, val_per_class=5, test_per_class=2, seed=2, name="b")
+    b = SyntheticSource(num_classes=2, train_per_class=6, val_per_class=3, test_per_class=2, seed=2, name="b")
     # labels out of order and classes of different sizes: the visiting order and the "keep all" rule matter
     perm = np.random.RandomState(0).permutation(len(a.load("train")))
     a_train = a.load("train").subset(perm[:-2])
@@ -88,7 +90,7 @@ def test_few_shot_draws_follow_the_reference_rule_and_stream(monkeypatch):
     got_val = [list(t.val.split.items) for t in scenario.tasks]
     for ours, ref in zip([got[0], got_val[0], got[1], got_val[1]], expected):
         assert len(ours) == len(ref) and all(np.array_equal(x, y) for x, y in zip(ours, ref))
-    assert np.bincount(scenario.tasks[1].train.labels - scenario.tasks[1].labels.start).tolist() == [3, 3]  # kept all
+    assert np.bincount(scenario.tasks[1].val.labels - scenario.tasks[1].labels.start).tolist() == [3, 3]  # kept all
     other = MTILData("fs", order=["dtd", "eurosat"], num_shots=4, few_shot_seed=43)  # ${seed}: per-run draws
     monkeypatch.setattr(other, "_sources", lambda: [("dtd", a), ("eurosat", b)])
     assert not all(np.array_equal(x, y) for x, y in zip(other.build(None).tasks[0].train.split.items, got[0]))
