@@ -240,8 +240,10 @@ def data_parallel(module):
     ignores the others (DIKI's frozen CLIP). ``find_unused_parameters=False``: clcli's loss modules
     use every trainable parameter in every step (tests/test_distributed.py checks them), so DDP
     need not search the graph after each forward. Buffers are not re-broadcast before every forward:
-    no training step changes one (BatchNorm statistics stay frozen), and :func:`check_in_sync`
-    compares them after every task."""
+    training changes none (the timm backbones keep BatchNorm statistics frozen, ``freeze_bn_stats``).
+    BatchNorm in train mode (``backbone.freeze_bn_stats=false``) would make the ranks' statistics
+    drift apart whether or not DDP re-broadcasts them (the last step's update is per rank), and
+    :func:`check_in_sync`, which compares buffers too, stops the run after the task."""
     if not is_active() or isinstance(module, torch.nn.parallel.DistributedDataParallel):
         return module
     if not isinstance(module, torch.nn.Module):
