@@ -217,13 +217,19 @@ class DIKI:
         return problems
 
     # ------------------------------------------------------------------ protocol
+    @staticmethod
+    def scenario_problems(kind, data_name: str = "") -> list[str]:
+        """DIKI needs each dataset evaluated over its own classes (``clcli validate`` asks before
+        anything is built, :meth:`prepare_scenario` again on the built scenario)."""
+        if kind.task_label_space:
+            return []
+        return [f"method=diki needs a domain-class incremental (MTIL) scenario, where each dataset is evaluated "
+                f"over its own classes; data={data_name} is {kind.name}. Use data=mtil, mtil_order2, mtil_fewshot "
+                "or synthetic_mtil."]
+
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        if not scenario.kind.task_label_space:
-            raise ConfigError([
-                f"method=diki needs a domain-class incremental (MTIL) scenario, where each dataset is "
-                f"evaluated over its own classes; data={scenario.name} is {scenario.kind.name}. Use data=mtil, "
-                "mtil_order2, mtil_fewshot or synthetic_mtil."
-            ])
+        if problems := self.scenario_problems(scenario.kind, scenario.name):
+            raise ConfigError(problems)
         self.bank = PromptBank(self.backbone, scenario)
         return scenario
 
