@@ -76,7 +76,7 @@ def _sweep_job(job, hc, run_dir: Path) -> dict:
     import logging
 
     from clcli import sweep
-    from clcli.results import headline
+    from clcli.report import headline
 
     record = {"num": hc.job.num, "overrides": list(hc.overrides.task), "run_dir": str(run_dir)}
     try:
