@@ -281,6 +281,16 @@ def test_a_bad_input_error_mid_run_is_logged_as_its_paragraph(tmp_path, capsys, 
     assert log.count("unreadable") == 1
 
 
+def test_a_sweep_job_that_fails_on_bad_input_logs_its_paragraph(tmp_path, capsys, monkeypatch):
+    from clcli.errors import DataError
+
+    _fail_at_task(monkeypatch, 0, DataError("Image '/x/z.png' is unreadable (test)."))
+    code, out = run_cli(["train", "-m", *TINY, "method=frozen", f"hydra.sweep.dir={tmp_path}"], capsys)
+    assert code == 3 and "clcli: error: Image '/x/z.png'" in out
+    logs = list(tmp_path.rglob("clcli.log"))
+    assert len(logs) == 1 and "the run failed: Image '/x/z.png' is unreadable (test)." in logs[0].read_text()
+
+
 def _refuse_in_run(monkeypatch):
     """A check only the run itself makes (the pre-check does not): the data-parallel batch split."""
     import clcli.distributed
