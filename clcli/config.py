@@ -67,12 +67,18 @@ def select_number(cfg, key: str, problems: list[str], *, label: str | None = Non
     return value if typed else None
 
 
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like ``word`` (difflib ratio >= 0.6), for a "did you mean" hint."""
+    match = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def unknown_key_problem(path: str, known: Iterable[str]) -> str:
     """``path`` is read by nothing: say so, with the closest known name and the known ones."""
     where, _, name = path.rpartition(".")
     known = sorted(set(known))
-    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f" Did you mean {where + '.' if where else ''}{match[0]}?" if match else ""
+    match = closest(name, known)
+    hint = f" Did you mean {where + '.' if where else ''}{match}?" if match else ""
     return (f"{path}: unknown key, nothing reads it.{hint} {where or 'The top level'} takes: {', '.join(known)}. "
             "Fix the name, or drop the override (a +key=value override adds any key).")
 
@@ -138,7 +144,8 @@ def _primary() -> tuple[frozenset[str], frozenset[str]]:
     from clcli.cli import _config_dir
 
     raw = OmegaConf.to_container(OmegaConf.load(Path(_config_dir()) / "config.yaml"), resolve=False)
-    groups = {next(iter(e)) for e in raw.pop("defaults", []) if isinstance(e, dict)}
+    # groups that put a node of their name in the config (not `experiment: null`, a _global_ preset)
+    groups = {next(iter(e)).split()[-1] for e in raw.pop("defaults", []) if isinstance(e, dict) and next(iter(e.values()))}
     raw.pop("hydra", None)
     return frozenset(groups), frozenset(p for p, _ in _flat(raw))
 

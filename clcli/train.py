@@ -23,7 +23,8 @@ from clcli.data.scenario import Scenario
 from clcli.engine import Runtime, apply_perf_options, evaluate, loader_workers, resolve_device, seed_everything
 from clcli.errors import ConfigError, DivergenceError
 from clcli.evaluation import AccuracyMatrix
-from clcli.results import RunStore, config_fingerprint, environment, write_outputs
+from clcli.report import write_outputs
+from clcli.results import RunStore, config_fingerprint, environment
 from clcli.summary import print_summary
 
 log = logging.getLogger("clcli")
