@@ -253,10 +253,11 @@ def _optim_problems(cfg: DictConfig) -> list[str]:
                 problems.append("optim.milestones: optim.schedule=multistep needs the epochs after which the lr "
                                 "drops (e.g. +optim.milestones=[18]).")
             elif isinstance(epochs, int):
-                bad = [m for m in o.milestones if not isinstance(m, int) or not 0 < m <= epochs]
+                # a milestone past the last epoch is legal (no drop in this run: optim.epochs=1 for a check)
+                bad = [m for m in o.milestones if not isinstance(m, int) or m < 1]
                 if bad:
-                    problems.append(f"optim.milestones {list(o.milestones)}: every milestone must be an epoch in "
-                                    f"1..{epochs} (optim.epochs); bad: {bad}.")
+                    problems.append(f"optim.milestones {list(o.milestones)}: every milestone must be a positive "
+                                    f"epoch number (the lr drops after it); bad: {bad}.")
     if "optimizer" not in o:
         problems.append("optim.optimizer: missing; choose one with optim/optimizer=sgd (or sgd_plain, adamw).")
     elif not _component_problems(OmegaConf.to_container(o.optimizer, resolve=False), "optim.optimizer"):
@@ -285,6 +286,8 @@ def check_config(cfg: DictConfig) -> list[str]:
         if not isinstance(cfg.perf[key], bool):
             problems.append(f"perf.{key}: expected true or false, got {cfg.perf[key]!r}.")
     select_number(cfg, "eval.batch_size", problems, minimum=1, integer=True)
+    for split in ("train", "eval"):
+        select_number(cfg, f"limit_batches.{split}", problems, minimum=1, integer=True, optional=True)
     select_number(cfg, "guard.max_loss_factor", problems, minimum=1)
     select_number(cfg, "guard.chance_loss_ratio", problems, minimum=0)
     if cfg.checkpoint.keep not in ("all", "last"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import os
@@ -76,6 +77,8 @@ class Runtime:
     chance_loss_ratio: float = 0.9  # final epoch loss above ratio·ln C: the task did not learn
     console: Console = field(default_factory=lambda: Console(stderr=True))
     progress: Progress | None = None
+    limit_train_batches: int | None = None  # debugging (limit_batches.train): batches per training epoch
+    limit_eval_batches: int | None = None  # debugging (limit_batches.eval): batches per test set
     task_index: int | None = None  # the task being run (set by the loop; stamps warnings)
     warnings: list[dict] = field(default_factory=list)  # training outcomes worth recording (collapse)
 
@@ -126,6 +129,14 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def limited(self, loader, limit: int | None) -> tuple[Iterable, int | None]:
+        """The first ``limit`` batches of ``loader`` (all when None) and how many that is
+        (``limit_batches``: quick end-to-end checks, ``+debug=fast``)."""
+        n = len(loader) if hasattr(loader, "__len__") else None
+        if limit is None:
+            return loader, n
+        return itertools.islice(loader, limit), limit if n is None else min(n, limit)
 
     def track(self, iterable: Iterable, description: str, total: int | None = None):
         """Iterate with a transient rich progress bar (a no-op wrapper when no progress is live)."""
@@ -235,7 +246,8 @@ def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, 
             if train_mode is not None:
                 train_mode()
             total, count = 0.0, 0
-            for i, (x, y) in enumerate(rt.track(loader, f"epoch {epoch + 1}/{epochs}")):
+            batches, n_batches = rt.limited(loader, rt.limit_train_batches)
+            for i, (x, y) in enumerate(rt.track(batches, f"epoch {epoch + 1}/{epochs}", total=n_batches)):
                 optimizer.zero_grad(set_to_none=True)
                 x, y = rt.images(x), y.to(rt.device, non_blocking=True)
                 with rt.autocast():
@@ -287,7 +299,8 @@ def evaluate(method, scenario, after: int, matrix, rt: Runtime) -> None:
         candidates = scenario.candidates(after, task)
         loader = rt.loader(task.test, rt.eval_batch_size, shuffle=False, shard=True)
         correct = total = 0
-        for j, (x, y) in enumerate(rt.track(loader, f"eval {task.name}")):
+        batches, n_batches = rt.limited(loader, rt.limit_eval_batches)
+        for j, (x, y) in enumerate(rt.track(batches, f"eval {task.name}", total=n_batches)):
             with rt.autocast():
                 logits = method.predict(EvalBatch(rt.images(x), task, candidates, batch_index=j, after=after))
             pred = logits.argmax(1).cpu() + candidates.start

@@ -11,10 +11,13 @@ Schedules are stepped per epoch (``multistep``, ``cosine``, ``constant``) or per
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterable
 
 import torch
+
+log = logging.getLogger("clcli")
 
 SCHEDULES = ("multistep", "cosine", "constant", "cosine_steps")
 # The ``optim`` keys each schedule reads; ``check_config`` refuses one its schedule does not read.
@@ -81,6 +84,11 @@ def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_
 
 
 def make_scheduler(optim, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """The run's schedule (``optim.schedule`` and its keys) for ``opt``."""
+    """The run's schedule (``optim.schedule`` and its keys) for ``opt``. A multistep milestone past
+    ``optim.epochs`` is legal (a shortened check run) but never reached: logged once per call."""
+    late = [m for m in optim.get("milestones", ()) if m >= optim.epochs] if optim.schedule == "multistep" else []
+    if late:
+        log.warning("optim.milestones %s: at or past optim.epochs=%d, so the lr does not drop there in this run",
+                    late, optim.epochs)
     return scheduler(opt, optim.schedule, optim.epochs, steps_per_epoch, milestones=optim.get("milestones", ()),
                      gamma=optim.get("gamma", 0.1), final_lr_ratio=optim.get("final_lr_ratio", 0.0))

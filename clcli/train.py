@@ -48,7 +48,8 @@ def build(cfg: DictConfig, device) -> Built:
     rt = Runtime(device=device, num_workers=loader_workers(cfg.loader.num_workers, device),
                  channels_last=cfg.perf.channels_last,
                  eval_batch_size=cfg.eval.batch_size, amp_dtype=PRECISIONS[cfg.precision],
-                 max_loss_factor=cfg.guard.max_loss_factor, chance_loss_ratio=cfg.guard.chance_loss_ratio)
+                 max_loss_factor=cfg.guard.max_loss_factor, chance_loss_ratio=cfg.guard.chance_loss_ratio,
+                 limit_train_batches=cfg.limit_batches.train, limit_eval_batches=cfg.limit_batches.eval)
     train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
     seed_everything(train_seed)  # model construction (fresh norms, heads) is seeded too
     backbone = instantiate(cfg.backbone)
