@@ -23,6 +23,7 @@ TINY = ["data=synthetic", "backbone=tiny_vit", "device=cpu"]
 # `task 0 (leaves) [1/3] epoch 1/1: loss 0.6931  lr 0.0001, 0.05  812 img/s` (the [i/n]: DIKI's fit-per-epoch)
 EPOCH_LINE = re.compile(r"(task \d+ \([^)]*\)(?: \[\d+/\d+\])?) epoch (\d+)/(\d+): loss (\d+\.\d{4})  "
                         r"lr ([^ ]+(?:, [^ ]+)*)  (\d+) img/s")
+BAR = re.compile(r"━.* \d+/\d+ \d+:\d\d:\d\d")  # a progress bar: `tasks ━━━━╺━━━ 1/3 0:00:02 0:00:04`
 
 
 def _env(**extra) -> dict:
@@ -117,7 +118,8 @@ def test_terminal_log_lines_stay_above_the_bars(tmp_path):
     run_dir = tmp_path / "run"
     code, raw = _on_pty([*TINY, "method=slow_learner", "optim.epochs=6", f"hydra.run.dir={run_dir}"], tmp_path)
     assert code == 0, raw[-3000:]
-    assert "\x1b[" in raw and "━" in raw  # it was a terminal: bars were drawn and redrawn
+    # it was a terminal: colours, and bars drawn (and redrawn) between the log lines
+    assert "\x1b[" in raw and BAR.search(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw))
     history = json.loads((run_dir / "results.json").read_text())["history"]
     assert len(history) == 3 * 6
     screen = _screen(raw)
@@ -126,7 +128,7 @@ def test_terminal_log_lines_stay_above_the_bars(tmp_path):
     found = [(m.group(1), m.group(4)) for line in screen if (m := EPOCH_LINE.search(line))]
     assert found == _expected_epoch_lines(history), text[-4000:]
     # the bars were transient: none is left (no stale `tasks 0/3`), and the summary table follows the log
-    assert not [line for line in screen if "━" in line], text[-4000:]
+    assert not [line for line in screen if BAR.search(line)], text[-4000:]
     assert "after task" in text and "last_acc" in text
     # the run dir: first line of the run and last line
     dirs = [i for i, line in enumerate(screen) if f"run dir: {run_dir}" in line]
@@ -150,7 +152,7 @@ def test_piped_output_is_plain_lines(piped_clip_run):
     run_dir, proc = piped_clip_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "\x1b" not in out and "\r" not in out and "━" not in out  # no colours, no redrawn bars
+    assert "\x1b" not in out and "\r" not in out and not BAR.search(out)  # no colours, no bars
     history = json.loads((run_dir / "results.json").read_text())["history"]
     lines = out.splitlines()
     found = [(m.group(1), m.group(4)) for line in lines if (m := EPOCH_LINE.search(line))]
@@ -231,6 +233,8 @@ def test_history_is_in_results_json(logged_run):
     # the per-epoch losses fit returned (the method's own record) are the history's
     assert json.loads((run_dir / "results.json").read_text())["history"] == history
     assert [t["name"] for t in res["tasks"]] == ["task0", "task1", "task2"]
+    # every tracker wrote inside the run dir (the fixture ran in the run dir's parent)
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
 
 
 def test_csv_metrics_equal_results(logged_run):
