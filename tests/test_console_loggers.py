@@ -382,6 +382,21 @@ def test_a_missing_logger_package_is_a_config_problem(monkeypatch, capsys):
     assert code == 2 and "logger.wandb.mode: expected one of offline, online, disabled, got 'cloudy'" in " ".join(out.split())
 
 
+@pytest.mark.parametrize("option", sorted(p.stem for p in (REPO / "conf" / "logger").glob("*.yaml")))
+def test_every_logger_option_validates_or_names_its_extra(option):
+    from clcli.config import check_config
+    from clcli.loggers import build
+
+    problems = check_config(compose([*TINY, f"logger={option}"]))
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(option)
+    if module is None or _available(module):
+        assert problems == []
+    else:
+        assert problems == [f"logger.{option}: the {module} package is not installed; install it with pip install "
+                            f"'clcli[{option}]', or choose other loggers (e.g. logger=csv)."]
+    assert build(None, REPO).backends == {} and build({"_target_": "clcli.loggers.Loggers"}, REPO).backends == {}
+
+
 def test_logger_keys_are_checked():
     from clcli.config import check_config
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 from collections.abc import Iterator
 from importlib.util import find_spec
@@ -66,9 +67,10 @@ class Loggers:
             b.log_hparams(config, env)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        """Log finite numbers under tracker-safe keys (letters, digits, ``_-./`` and spaces)."""
-        clean = {metric_key(k): float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(v)}
+        """Log finite numbers (integers stay integers: task, epoch) under tracker-safe keys
+        (letters, digits, ``_-./`` and spaces)."""
+        clean = {metric_key(k): int(v) if isinstance(v, numbers.Integral) else float(v) for k, v in metrics.items()
+                 if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)}
         if clean:
             for b in self.backends.values():
                 b.log_metrics(clean, step)
