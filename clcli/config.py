@@ -300,4 +300,15 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.extend(data.problems())
     except Exception as exc:
         problems.append(f"data: cannot build '{cfg.data.get('name', '?')}': {exc}")
-    return problems
+        return problems
+    return problems + _scenario_problems(cfg, getattr(data, "kind", None))
+
+
+def _scenario_problems(cfg: DictConfig, kind) -> list[str]:
+    """A method that needs a kind of scenario (``scenario_problems(kind, data_name)``, e.g. DIKI needs
+    MTIL) checked against the kind the data config builds."""
+    try:
+        check = getattr(target_class(cfg.method.get("_target_")), "scenario_problems", None)
+    except Exception:  # noqa: BLE001 - key_problems reports a target that cannot be imported
+        return []
+    return list(check(kind, cfg.data.get("name", "?"))) if check is not None and kind is not None else []

@@ -6,6 +6,7 @@ and loader settings are the same everywhere.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -91,23 +92,32 @@ class Runtime:
     def loader(self, dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
                shard: bool = False):
         """A DataLoader. In a multi-process run (``clcli.distributed``) a shuffled loader is a
-        training loader (``batch_size`` is the global batch; this rank gets its piece of every
-        global batch; iterate it through :func:`fit`), and ``shard=True`` gives this rank a block of
-        an unshuffled dataset (statistics, evaluation; the caller sums across ranks)."""
+        training loader: ``batch_size`` is the global batch, this rank loads ``batch_size /
+        world_size`` samples per step through a ``DistributedSampler`` whose seed is drawn from the
+        global RNG (iterate it through :func:`fit`, which advances its epoch); ``shard=True`` gives
+        this rank a block of an unshuffled dataset (statistics, evaluation; the caller sums across
+        ranks)."""
         pin = self.device.type == "cuda"
+        sampler = None
         if distributed.is_active() and shuffle:
             if generator is not None:
                 raise ValueError("Runtime.loader: a custom generator is not supported in multi-process runs")
-            return distributed.train_loader(dataset, batch_size, self.num_workers, pin)
+            world = distributed.world_size()
+            if batch_size % world:
+                raise ValueError(f"Runtime.loader: the global batch {batch_size} is not divisible by the "
+                                 f"{world} processes")
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=distributed.shared_seed())
+            batch_size, shuffle = batch_size // world, False
         if shard:
             dataset = distributed.shard(dataset)
-        if not shuffle and generator is None:
+        if not shuffle and generator is None and sampler is None:
             # A DataLoader draws its workers' base seed from the global RNG even when it does not
             # shuffle. Evaluation and statistics passes get a private generator instead, so that
             # skipping one (a feature-cache hit) or adding one never changes the training that follows.
             generator = torch.Generator()
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=self.num_workers,
             pin_memory=pin, persistent_workers=self.num_workers > 0, generator=generator, drop_last=False,
         )
 
@@ -215,43 +225,46 @@ class LossGuard:
         }
 
 
-def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
+def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
         train_mode: Callable[[], None] | None = None, require_learning: bool = False) -> list[float]:
-    """Run ``epochs`` of ``loss = step(x, y)``, backward, optimizer step; schedule per epoch or per
+    """Run ``epochs`` of ``loss = model(x, y)``, backward, optimizer step; schedule per epoch or per
     step (``scheduler.per_step``). Returns the mean loss of every epoch. A non-finite or exploding
     loss raises :class:`DivergenceError`. ``require_learning``: a final epoch loss still at chance
     level is recorded as a collapse warning (``rt.warn``; the run goes on).
 
-    ``step`` returns the mean over its batch (plus batch-independent terms): a multi-process run
-    averages the ranks' gradients weighted by their sample counts, which is then the gradient of the
-    global batch's mean loss (``clcli.distributed``); the guard sees that global loss on every rank.
+    ``model`` is a loss module: an ``nn.Module`` holding the trainable parts whose ``forward(x, y)``
+    returns the batch's mean loss (plus batch-independent terms). A single process calls it as it is
+    (any such callable will do); a multi-process run calls it through
+    :class:`~torch.nn.parallel.DistributedDataParallel` (:func:`clcli.distributed.data_parallel`;
+    pass a DDP module to reuse one across calls), which averages the ranks' gradients, on a loader
+    from :meth:`Runtime.loader` whose ``DistributedSampler`` gets a new shuffle every pass, with the
+    ranks' own random streams (:func:`clcli.distributed.rank_streams`). The guard sees the loss
+    averaged over ranks, so every rank stops at the same step.
 
     ``precision=fp16`` autocast scales the loss (:class:`torch.amp.GradScaler`), so that small fp16
     gradients do not flush to zero, and skips a step whose gradients overflowed; parameters that are
     themselves fp16 (DIKI's reference residuals) train as the reference does, unscaled."""
+    net = distributed.data_parallel(model)  # the module itself in a single process
+    sampler = getattr(loader, "sampler", None)
+    world = distributed.world_size()
     guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16 and all(
         p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"]))
     history = []
-    for epoch in rt.track(range(epochs), f"{where} epochs"):
-        if train_mode is not None:
-            train_mode()
-        total, count = 0.0, 0
-        lrs, tick = [g["lr"] for g in optimizer.param_groups], time.perf_counter()  # reported with the epoch
-        with distributed.epoch(loader):  # multi-process: this rank's piece of every global batch
-            for i, batch in enumerate(rt.track(loader, f"epoch {epoch + 1}/{epochs}")):
+    with distributed.rank_streams():  # multi-process: per-rank draws; the global RNG stays shared
+        for epoch in rt.track(range(epochs), f"{where} epochs"):
+            if train_mode is not None:
+                train_mode()
+            total, count = 0.0, 0
+            lrs, tick = [g["lr"] for g in optimizer.param_groups], time.perf_counter()  # reported with the epoch
+            for i, (x, y) in enumerate(rt.track(loader, f"epoch {epoch + 1}/{epochs}")):
                 optimizer.zero_grad(set_to_none=True)
-                loss, n = None, 0
-                if batch is not None:  # None: this rank's piece of a short last batch is empty
-                    x, y = batch
-                    x, y = rt.images(x), y.to(rt.device, non_blocking=True)
-                    with rt.autocast():
-                        loss = step(x, y)
-                    scaler.scale(loss).backward()
-                    n = len(y)
-                # multi-process: gradients of the global batch's mean loss; its value and size
-                value, n = distributed.average_gradients(optimizer, loss, n)
+                x, y = rt.images(x), y.to(rt.device, non_blocking=True)
+                with rt.autocast():
+                    loss = net(x, y)
+                scaler.scale(loss).backward()  # multi-process: DDP averages the gradients meanwhile
+                value, n = distributed.mean_over_ranks(loss), len(y) * world  # equal batches on every rank
                 guard.check(value, epoch, i)
                 scaler.step(optimizer)  # without fp16: optimizer.step()
                 scaler.update()
@@ -259,11 +272,16 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, e
                     scheduler.step()
                 total, count = total + value * n, count + n
                 rt.show(total / max(count, 1), lrs, count / (time.perf_counter() - tick))
-        if scheduler is not None and not getattr(scheduler, "per_step", False):
-            scheduler.step()
-        history.append(total / max(count, 1))
-        rt.epoch_done(where, epoch + 1, epochs, history[-1], lrs, count / (time.perf_counter() - tick))
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(sampler.epoch + 1)  # the next pass (here or in a later call) reshuffles
+            if scheduler is not None and not getattr(scheduler, "per_step", False):
+                scheduler.step()
+            history.append(total / max(count, 1))
+            rt.epoch_done(where, epoch + 1, epochs, history[-1], lrs, count / (time.perf_counter() - tick))
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; no stale grads leak into the next task
+    if net is not model:  # a DDP built here sits in a reference cycle: free its gradient buckets now
+        del net
+        gc.collect()
     if require_learning and history and (collapse := guard.collapse(history[-1], len(history))) is not None:
         rt.warn(collapse)
     return history

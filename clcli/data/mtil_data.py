@@ -23,7 +23,7 @@ from typing import Any
 
 from clcli.data import mtil
 from clcli.data.base import SourceInfo, SplitData
-from clcli.data.scenario import Scenario, build_domain_incremental
+from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, build_domain_incremental
 from clcli.data.synthetic import SyntheticSource
 
 
@@ -88,6 +88,8 @@ class MTILData:
         download: let torchvision download CIFAR100 / MNIST on first use (the other nine datasets must
             be prepared by hand; ``clcli validate`` prints the layout and where to get each).
     """
+
+    kind = DOMAIN_CLASS_INCREMENTAL
 
     def __init__(self, name: str, order: str | Sequence[str] = "I", num_shots: int = -1, few_shot_seed: int = 1,
                  split_seed: int = 42, data_dir: str = "data", dirs: dict | None = None, with_val: bool = True,
@@ -174,6 +176,8 @@ class SyntheticMTILData:
     ``train_per_class`` / ``val_per_class`` / ``test_per_class`` images of ``image_size`` pixels with
     pixel noise ``noise`` (:class:`clcli.data.synthetic.SyntheticSource`).
     """
+
+    kind = DOMAIN_CLASS_INCREMENTAL
 
     def __init__(self, name: str = "synthetic_mtil", datasets: Sequence[dict] | None = None,
                  train_per_class: int = 16, val_per_class: int = 4, test_per_class: int = 8,

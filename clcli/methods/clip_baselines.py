@@ -170,6 +170,23 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
                 "feature_cache": self.frozen.report()}
 
 
+class FineTuneLoss(torch.nn.Module):
+    """Continual-FT's training loss, the module :func:`clcli.engine.fit` trains (through DDP in a
+    multi-process run): CE over the task's classes (global labels shifted by ``start``) of
+    ``logit_scale · cos(image, prompt text)``. The text tower is part of the model being fine-tuned,
+    so the prompts are re-encoded every step; both towers' weights are used in every step
+    (``exp(logit_scale)`` is a constant, not trained)."""
+
+    def __init__(self, backbone: ClipBackbone, tokens: torch.Tensor, start: int):
+        super().__init__()
+        self.backbone, self.tokens, self.start = backbone, tokens, start
+        self.scale = backbone.logit_scale
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = cosine_logits(self.backbone.encode_image(x), self.backbone.encode_text(self.tokens), self.scale)
+        return F.cross_entropy(logits, y - self.start)
+
+
 class ContinualCLIPFT(_PromptClassifierCLIP):
     """Continual fine-tuning of the whole CLIP, image and text encoders (the MTIL "Continual-FT" row).
 
@@ -220,15 +237,8 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
         opt = optim_lib.make_optimizer(o, [(params, float(o.lr.representation))])
         loader = rt.loader(task.train, o.batch_size, shuffle=True)
         sched = optim_lib.make_scheduler(o, opt, len(loader))
-        tokens = self.bank.tokens(task.labels, rt.device)
-        start, scale = task.labels.start, self.backbone.logit_scale
-
-        def step(x, y):
-            # The text tower is part of the model being fine-tuned: re-encode the prompts every step.
-            logits = cosine_logits(self.backbone.encode_image(x), self.backbone.encode_text(tokens), scale)
-            return F.cross_entropy(logits, y - start)
-
-        losses = fit(step, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=rt,
+        loss = FineTuneLoss(self.backbone, self.bank.tokens(task.labels, rt.device), task.labels.start)
+        losses = fit(loss, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=rt,
                      where=f"task {task.index} ({task.name})", num_classes=task.num_classes)
         for p in params:
             p.requires_grad_(False)
