@@ -301,6 +301,8 @@ def check_config(cfg: DictConfig) -> list[str]:
         backbone_cls = None
     problems += _owner_problems(cfg, "method", cfg.optim, backbone_cls)
     problems += _owner_problems(cfg, "backbone")
+    if "logger" in cfg:  # the trackers' packages and settings (clcli.loggers)
+        problems += _owner_problems(cfg, "logger")
     if any(p.startswith("data.") for p in problems):
         return problems  # the data config's unknown keys are listed; it cannot be built with them
     try:  # instantiating a data config is cheap: sources only stat their folders

@@ -12,16 +12,18 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from clcli import console as console_lib
 from clcli import distributed
 from clcli.errors import DivergenceError
+from clcli.loggers import Loggers, epoch_metrics
 from clcli.methods.base import EvalBatch
 
 log = logging.getLogger("clcli")
@@ -75,12 +77,14 @@ class Runtime:
     amp_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
     max_loss_factor: float = 10.0  # loss above factor·max(first loss, ln C) counts as divergence
     chance_loss_ratio: float = 0.9  # final epoch loss above ratio·ln C: the task did not learn
-    console: Console = field(default_factory=lambda: Console(stderr=True))
-    progress: Progress | None = None
+    console: Console = field(default_factory=console_lib.get_console)  # log lines, bars, summary (clcli.console)
+    progress: console_lib.Bars | None = None  # live bars (Runtime.live)
     limit_train_batches: int | None = None  # debugging (limit_batches.train): batches per training epoch
     limit_eval_batches: int | None = None  # debugging (limit_batches.eval): batches per test set
     task_index: int | None = None  # the task being run (set by the loop; stamps warnings)
     warnings: list[dict] = field(default_factory=list)  # training outcomes worth recording (collapse)
+    loggers: Loggers = field(default_factory=Loggers)  # experiment trackers (clcli.loggers); none by default
+    history: list[dict] = field(default_factory=list)  # one record per epoch of fit (results.json ``history``)
 
     def warn(self, record: dict) -> None:
         """Record a training outcome that does not stop the run (results.json ``warnings``) and log it."""
@@ -139,32 +143,50 @@ class Runtime:
         return itertools.islice(loader, limit), limit if n is None else min(n, limit)
 
     def track(self, iterable: Iterable, description: str, total: int | None = None):
-        """Iterate with a transient rich progress bar (a no-op wrapper when no progress is live)."""
+        """Iterate with a progress bar that disappears when done (a plain iteration when no bars
+        are live: not a terminal, not rank 0)."""
         if self.progress is None:
             yield from iterable
             return
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
-        task = self.progress.add_task(description, total=total)
+        task = self.progress.add(description, total)
         try:
             for item in iterable:
                 yield item
                 self.progress.advance(task)
         finally:
-            self.progress.remove_task(task)
+            self.progress.remove(task)
+
+    def show(self, loss: float, lrs: list[float], images_per_s: float) -> None:
+        """Loss, learning rates and images/s after the innermost bar (no-op without bars)."""
+        if self.progress is not None:
+            self.progress.info(console_lib.epoch_text(loss, lrs, images_per_s))
+
+    def epoch_done(self, where: str, epoch: int, epochs: int, loss: float, lrs: list[float], images_per_s: float) -> None:
+        """A finished epoch of :func:`fit` (``epoch`` 1-based): a ``history`` record (``epoch`` counts
+        within the task, across ``fit`` calls), one log line, the epochs bar, the loggers."""
+        n = sum(h["task"] == self.task_index for h in self.history) + 1
+        record = {"task": self.task_index, "epoch": n, "loss": loss, "lrs": list(lrs), "images_per_s": images_per_s,
+                  "where": where}
+        self.history.append(record)
+        text = console_lib.epoch_text(loss, lrs, images_per_s)
+        log.info("%s epoch %d/%d: %s", where, epoch, epochs, text)
+        self.show(loss, lrs, images_per_s)
+        self.loggers.log_metrics(epoch_metrics(record), step=len(self.history))
 
     @contextlib.contextmanager
     def live(self):
-        """Show progress bars for the duration of the block (rank 0 only in multi-process runs)."""
-        if not distributed.is_main():
+        """Show progress bars for the duration of the block: on a terminal, rank 0 only. Log lines
+        (clcli.console) print above them."""
+        bars = console_lib.bars(self.console) if distributed.is_main() else None
+        if bars is None:
             yield None
             return
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            self.progress = progress
+        with bars:
+            self.progress = bars
             try:
-                yield progress
+                yield bars
             finally:
                 self.progress = None
 
@@ -246,6 +268,7 @@ def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, 
             if train_mode is not None:
                 train_mode()
             total, count = 0.0, 0
+            lrs, tick = [g["lr"] for g in optimizer.param_groups], time.perf_counter()  # reported with the epoch
             batches, n_batches = rt.limited(loader, rt.limit_train_batches)
             for i, (x, y) in enumerate(rt.track(batches, f"epoch {epoch + 1}/{epochs}", total=n_batches)):
                 optimizer.zero_grad(set_to_none=True)
@@ -260,12 +283,13 @@ def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, 
                 if scheduler is not None and getattr(scheduler, "per_step", False):
                     scheduler.step()
                 total, count = total + value * n, count + n
+                rt.show(total / max(count, 1), lrs, count / (time.perf_counter() - tick))
             if isinstance(sampler, torch.utils.data.DistributedSampler):
                 sampler.set_epoch(sampler.epoch + 1)  # the next pass (here or in a later call) reshuffles
             if scheduler is not None and not getattr(scheduler, "per_step", False):
                 scheduler.step()
             history.append(total / max(count, 1))
-            log.info("%s epoch %d/%d: loss %.4f", where, epoch + 1, epochs, history[-1])
+            rt.epoch_done(where, epoch + 1, epochs, history[-1], lrs, count / (time.perf_counter() - tick))
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; no stale grads leak into the next task
     if net is not model:  # a DDP built here sits in a reference cycle: free its gradient buckets now
         del net

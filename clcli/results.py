@@ -82,11 +82,11 @@ RNG_PROTOCOL = 2
 
 
 def config_fingerprint(resolved: dict) -> str:
-    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches,
+    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches, loggers,
     nor the experiment's ``paper`` metadata: editing a note must not orphan its run dirs), and of
     :data:`RNG_PROTOCOL`. ``eval`` stays in: DIKI's batch-wise task vote depends on the
     evaluation batch size."""
-    ignore = {"resume", "redo_diverged", "device", "loader", "checkpoint", "paths", "paper"}
+    ignore = {"resume", "redo_diverged", "device", "loader", "checkpoint", "paths", "paper", "logger"}
     relevant = {k: v for k, v in resolved.items() if k not in ignore}
     relevant["__rng_protocol__"] = RNG_PROTOCOL
     if isinstance(relevant.get("method"), dict):  # where features are cached never changes them
