@@ -103,13 +103,13 @@ def test_ls_lists_every_option_of_every_group_with_its_description(capsys):
 def test_ls_finds_a_new_group_on_disk(tmp_path, capsys, monkeypatch):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
-    (conf / "logger").mkdir()
-    (conf / "logger" / "csv.yaml").write_text("# CSV metrics logger.\nfile: metrics.csv\n")
+    (conf / "callbacks").mkdir()
+    (conf / "callbacks" / "early_stop.yaml").write_text("# Stop a task early.\npatience: 3\n")
     import clcli.cli
 
     monkeypatch.setattr(clcli.cli, "_config_dir", lambda: str(conf))
     code, out = run_cli(["ls"], capsys, stdout_only=True)
-    assert code == 0 and _listing(out)["logger"] == {"csv": "CSV metrics logger."}
+    assert code == 0 and _listing(out)["callbacks"] == {"early_stop": "Stop a task early."}
     assert set(_listing(out)) == set(_expected_options(conf))
 
 
