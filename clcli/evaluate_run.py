@@ -38,7 +38,8 @@ from clcli.engine import evaluate, resolve_device, seed_everything
 from clcli.errors import ConfigError
 from clcli.evaluation import AccuracyMatrix
 from clcli.finished_run import FinishedRun, open_run
-from clcli.results import atomic_write_text, environment, headline, write_outputs
+from clcli.report import headline, write_outputs
+from clcli.results import atomic_write_text, environment
 
 # What `clcli eval` may change: where the data is and what it computes on. Everything else is part of
 # what was trained (method.*, optim.*, seed, data.*, backbone.*, precision, ...) and is refused.

@@ -14,10 +14,13 @@ linear warm-up over ``warmup`` steps then cosine to 0, docs/diki_mtil_protocol.m
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterable
 
 import torch
+
+log = logging.getLogger("clcli")
 
 SCHEDULES = ("multistep", "cosine", "constant", "cosine_steps", "warmup_cosine")
 # The ``optim`` keys each schedule reads; ``check_config`` refuses one its schedule does not read.
@@ -101,8 +104,14 @@ def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_
 
 
 def make_scheduler(optim, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """The run's schedule (``optim.schedule`` and its keys) for ``opt``."""
-    return scheduler(opt, optim.schedule, optim.get("epochs") or 1, steps_per_epoch,
+    """The run's schedule (``optim.schedule`` and its keys) for ``opt``. A multistep milestone past
+    ``optim.epochs`` is legal (a shortened check run) but never reached: logged once per call."""
+    epochs = optim.get("epochs") or 1  # iteration-based tasks have none
+    late = [m for m in optim.get("milestones", ()) if m >= epochs] if optim.schedule == "multistep" else []
+    if late:
+        log.warning("optim.milestones %s: at or past optim.epochs=%d, so the lr does not drop there in this run",
+                    late, epochs)
+    return scheduler(opt, optim.schedule, epochs, steps_per_epoch,
                      milestones=optim.get("milestones", ()), gamma=optim.get("gamma", 0.1),
                      final_lr_ratio=optim.get("final_lr_ratio", 0.0), warmup=optim.get("warmup") or 0,
                      iterations=optim.get("iterations"))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -344,3 +345,13 @@ def test_few_shot_view_and_missing_data_errors(backbone, tmp_path):
         "data.order: unknown order 'III' (known: I, II, FS, or a list of dataset names).",
         "data.num_shots: -1 (full training sets) or an integer >= 1, got 0.",
     ]
+
+
+def test_validate_refuses_diki_on_a_class_incremental_benchmark(capsys):
+    """The scenario kind is known from the data config, so validate (and train, before anything is
+    built) refuses DIKI on a class-incremental benchmark; an MTIL benchmark passes."""
+    code, out = run_cli(["validate", "method=diki", "data=synthetic", "backbone=tiny_clip", "device=cpu",
+                         "~optim.lr.classifier"], capsys)
+    assert code == 2 and "method=diki needs a domain-class incremental (MTIL) scenario" in " ".join(out.split()), out
+    code, out = run_cli(["validate", "method=diki", "data=synthetic_mtil", "backbone=tiny_clip", "device=cpu"], capsys)
+    assert code == 0, out

@@ -133,10 +133,10 @@ def test_diki_sweeps_compose_and_validate(sweep):
     from clcli.config import check_config
 
     raw = OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml")
-    experiments = str(raw.hydra.sweeper.params["+experiment"]).split(",")
+    experiments = str(raw.hydra.sweeper.params["experiment"]).split(",")
     assert any("zscl" in e for e in experiments)
     for exp in experiments:
-        cfg = compose([f"+experiment={exp}"])
+        cfg = compose([f"experiment={exp}"])
         problems = [p for p in check_config(cfg) if not p.startswith(("data:", "backbone", "method.ref_"))
                     and " is missing" not in p and "not cached" not in p]
         assert problems == [], (exp, problems)

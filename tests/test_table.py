@@ -269,7 +269,7 @@ def test_every_paper_table_cell_has_an_experiment():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_with_a_paper_block(experiment):
     assert not _missing_options(experiment), "the experiment selects options that do not exist"
-    cfg = _compose([f"+experiment={experiment}"])
+    cfg = _compose([f"experiment={experiment}"])
     assert cfg.optim.schedule != "multistep" or all(0 < m <= cfg.optim.epochs for m in cfg.optim.milestones)
     assert _key_problems(cfg) == []
     paper = cfg.paper
@@ -324,7 +324,7 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
     assert len(jobs) == int(np.prod(sizes)) and len({tuple(j) for j in jobs}) == len(jobs)
     seeds = {int(o.split("=")[1]) for j in jobs for o in j if o.startswith("seed=")}
     assert seeds == ({1993, 1996} if sweep in ("smoke", "slca_lr_curve_offline") else SEEDS)
-    experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("+experiment=")}
+    experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("experiment=")}
     assert experiments <= set(EXPERIMENTS)
     if sweep.startswith("slca_lr_curve"):  # the learning-rate figure: methods x representation lrs
         lrs = {float(o.split("=")[1]) for j in jobs for o in j if o.startswith("optim.lr.representation=")}

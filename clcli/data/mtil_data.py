@@ -25,7 +25,7 @@ from typing import Any
 
 from clcli.data import mtil
 from clcli.data.base import SourceInfo, SplitData
-from clcli.data.scenario import Scenario, build_domain_incremental
+from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, build_domain_incremental
 from clcli.data.synthetic import SyntheticSource
 
 log = logging.getLogger("clcli")
@@ -124,6 +124,8 @@ class MTILData:
             official train set, no val; the other nine keep the CoOp split, recorded per dataset in
             results.json ``scenario.protocol.splits``). docs/diki_mtil_protocol.md#the-protocol-choice.
     """
+
+    kind = DOMAIN_CLASS_INCREMENTAL
 
     def __init__(self, name: str, order: str | Sequence[str] = "I", num_shots: int = -1, few_shot_seed: int = 42,
                  split_seed: int = 42, data_dir: str = "data", dirs: dict | None = None, with_val: bool = True,
@@ -229,6 +231,8 @@ class SyntheticMTILData:
     ``train_per_class`` / ``val_per_class`` / ``test_per_class`` images of ``image_size`` pixels with
     pixel noise ``noise`` (:class:`clcli.data.synthetic.SyntheticSource`).
     """
+
+    kind = DOMAIN_CLASS_INCREMENTAL
 
     def __init__(self, name: str = "synthetic_mtil", datasets: Sequence[dict] | None = None,
                  train_per_class: int = 16, val_per_class: int = 4, test_per_class: int = 8,

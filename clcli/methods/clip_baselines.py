@@ -224,16 +224,20 @@ def zscl_train_transform(backbone: ClipBackbone):
     ])
 
 
-class ClipCEStep(nn.Module):
-    """One fine-tuning step's loss as a module (``forward(x, y)`` = batch mean loss): CE with
-    ``label_smoothing`` over the task's classes of ``scale · cos(image, prompt text)``, the prompts
-    re-encoded every step since the text tower trains (docs/diki_mtil_protocol.md#continual-ft-zscl-recipe)."""
+class FineTuneLoss(nn.Module):
+    """Continual-FT's training loss, the module :func:`clcli.engine.fit` / :func:`~clcli.engine.fit_iterations`
+    train (through DDP in a multi-process run): CE, with ``label_smoothing`` (ZSCL's recipe: 0.2), over
+    the task's classes (global labels shifted by ``start``) of ``scale · cos(image, prompt text)``;
+    ``scale`` defaults to the backbone's constant exp(logit_scale). The text tower is part of the model
+    being fine-tuned, so the prompts are re-encoded every step
+    (docs/diki_mtil_protocol.md#continual-ft-zscl-recipe)."""
 
-    def __init__(self, backbone: ClipBackbone, tokens: torch.Tensor, start: int, scale: float,
+    def __init__(self, backbone: ClipBackbone, tokens: torch.Tensor, start: int, scale: float | None = None,
                  label_smoothing: float = 0.0):
         super().__init__()
-        self.backbone, self.start, self.scale, self.label_smoothing = backbone, start, scale, float(label_smoothing)
-        self.register_buffer("tokens", tokens, persistent=False)
+        self.backbone, self.tokens, self.start = backbone, tokens, start
+        self.scale = backbone.logit_scale if scale is None else scale
+        self.label_smoothing = float(label_smoothing)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return cosine_logits(self.backbone.encode_image(x), self.backbone.encode_text(self.tokens), self.scale)
@@ -324,8 +328,8 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
         return self.lr_by_dataset.get(task.name, float(self.optim.lr.representation))
 
     def make_step(self, task: Task) -> nn.Module:
-        """The task's loss module: :class:`ClipCEStep` (a subclass adds its terms)."""
-        return ClipCEStep(self.backbone, self.bank.tokens(task.labels, self.rt.device), task.labels.start,
+        """The task's loss module: :class:`FineTuneLoss` (a subclass adds its terms)."""
+        return FineTuneLoss(self.backbone, self.bank.tokens(task.labels, self.rt.device), task.labels.start,
                           self.backbone.logit_scale, self.optim.get("label_smoothing") or 0.0)
 
     def train_data(self, task: Task):

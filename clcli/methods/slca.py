@@ -60,6 +60,26 @@ def ca_mean_scale(labels: list[int], task_index: int, task_of: list[int], curren
     return torch.tensor([0.9 + 0.1 * (t + 1) / (T + 1) for t in t_c], dtype=torch.float64)
 
 
+class Stage1Loss(torch.nn.Module):
+    """SLCA's stage-1 loss, the module :func:`clcli.engine.fit` trains (through DDP in a multi-process
+    run): CE of the new head over its own classes (global labels shifted by ``known``, the classes of
+    earlier tasks) on the backbone's features; a frozen backbone runs without autograd. Holds the
+    backbone and the new head only: the old heads are neither used nor trained."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, known: int, train_backbone: bool):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.known, self.train_backbone = known, train_backbone
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.train_backbone:
+            f = self.backbone(x)
+        else:
+            with torch.no_grad():
+                f = self.backbone(x)
+        return F.cross_entropy(self.head(f), y - self.known)  # CE over the new head's columns only
+
+
 class SLCA:
     """Slow learner (+ optional classifier alignment) on a feature backbone with one head per task.
 
@@ -144,20 +164,12 @@ class SLCA:
         loader = self.rt.loader(task.train, o.batch_size, shuffle=True)
         sched = optim_lib.make_scheduler(o, opt, len(loader))
 
-        def step(x, y):
-            if self.train_backbone:
-                f = self.backbone(x)
-            else:
-                with torch.no_grad():
-                    f = self.backbone(x)
-            return F.cross_entropy(head(f), y - known)  # CE over the new head's columns only
-
         def train_mode():
             self.backbone.train(self.train_backbone)
 
-        fit(step, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=self.rt,
-            where=f"task {task.index} ({task.name})", num_classes=task.num_classes, train_mode=train_mode,
-            require_learning=True)
+        fit(Stage1Loss(self.backbone, head, known, self.train_backbone), loader, epochs=o.epochs, optimizer=opt,
+            scheduler=sched, rt=self.rt, where=f"task {task.index} ({task.name})", num_classes=task.num_classes,
+            train_mode=train_mode, require_learning=True)
         self.backbone.eval()
 
     def end_task(self, task: Task) -> None:

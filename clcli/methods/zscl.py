@@ -48,7 +48,7 @@ from clcli.data.images import ImageDataset
 from clcli.data.scenario import Task
 from clcli.engine import Runtime
 from clcli.errors import ConfigError, DataError
-from clcli.methods.clip_baselines import ClipCEStep, ContinualCLIPFT, cosine_logits
+from clcli.methods.clip_baselines import ContinualCLIPFT, FineTuneLoss, cosine_logits
 
 log = logging.getLogger("clcli")
 
@@ -122,7 +122,7 @@ class _Cycle:
         return x
 
 
-class ZSCLStep(ClipCEStep):
+class ZSCLStep(FineTuneLoss):
     """ZSCL's per-step loss as a module: ``forward(x, y)`` = CE + λ_l2·L2 + λ_img·L_img + λ_txt·L_txt
     (docs/diki_mtil_protocol.md#zscl). The reference batch comes from ``ref`` (an endless iterator
     on its own RNG); distillation terms with weight 0 are not computed, nor is the reference batch
