@@ -466,7 +466,7 @@ def _ddas_problems(d: dict, given: set[str]) -> list[str]:
         root = d["tinyimagenet_dir"]
         if not root or not (Path(root) / "train").is_dir():
             p.append(f"method.ddas.tinyimagenet_dir: DDAS's autoencoder 0 trains on TinyImageNet's train images, "
-                     f"expected under {root!r}/train (tiny-imagenet-200/train/<wnid>/images/*.JPEG). Fix: download "
+                     f"expected under {root}/train (tiny-imagenet-200/train/<wnid>/images/*.JPEG). Fix: download "
                      f"{TINYIMAGENET_URL}, unzip it under paths.data_dir (or set method.ddas.tinyimagenet_dir); "
                      "or method.ddas.ae0_data=noise (a deviation).")
     return p
