@@ -162,7 +162,7 @@ def train_autoencoder(ae: AutoEncoder, features: nn.Module, loader, steps: int, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"DDAS autoencoder loss is not finite at step {s}")
     ae.eval()
