@@ -329,3 +329,19 @@ def test_bad_keys_raise_one_config_error_each(tiny_clip):
                     **{**TINY, "ddas": {**TINY["ddas"], "threshold": 0.0655}})
     cfg = compose_cfg(["method=moe_adapters", "data=synthetic_mtil", "backbone=tiny_vit"])
     assert any("method=moe_adapters needs a CLIP backbone" in p for p in check_config(cfg))
+
+
+def test_sweep_validates_every_job(tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "ViT-B-16.pt"
+    weights.write_bytes(b"0")
+    code, out = run_cli(["validate", "+sweep=moe_adapters_mtil", f"backbone.checkpoint_path={weights}",
+                         "backbone.pretrained=null", f"paths.data_dir={tmp_path}"], capsys)
+    flat = " ".join(out.split())
+    assert code == 2  # the MTIL data, AlexNet weights and TinyImageNet are not on this machine
+    for preset in ("order1", "order2", "fewshot"):
+        for seed in (1993, 1996, 1997):
+            assert f"+experiment=diki/moe_adapters_{preset} seed={seed} +sweep=moe_adapters_mtil" in flat, (preset, seed)
+    assert "Traceback" not in out and "method.top_k" not in out
