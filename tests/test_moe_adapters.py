@@ -33,7 +33,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 OPTIM = {"lr": {"representation": 0.05}, "batch_size": 32, "epochs": 1, "schedule": "constant",
          "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.0}}
 TINY = dict(experts=4, top_k=2, bottleneck=8, iterations=12, warmup_steps=2, lr_by_dataset={},
-            ddas=dict(features="pixels", code_dim=16, ae0_data="noise", ae0_steps=200, task_steps=200, batch_size=16,
+            ddas=dict(features="pixels", code_dim=16, ae0_data="noise", ae0_steps=100, task_steps=100, batch_size=16,
                       decay_every_epochs=50, threshold="auto", threshold_factor=1.5))
 
 
