@@ -200,7 +200,8 @@ class MoEAdapters:
             self.ddas = DDAS(feats, dim, int(d["code_dim"]), None if fixed is None else float(fixed))
         self.bank: PromptBank | None = None
         self.history: list[dict] = []
-        self.routing: dict[str, dict[str, dict[str, int]]] = {}  # stage -> dataset -> selected task -> batches
+        # stage -> dataset -> selected task (or zero_shot) -> batches (images with granularity: sample)
+        self.routing: dict[str, dict[str, dict[str, int]]] = {}
         self._text: dict[tuple[int, int | None], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ config checks
@@ -291,6 +292,10 @@ class MoEAdapters:
 
     def end_task(self, task: Task) -> None:
         """Freeze the most selected experts, then train the task's autoencoder (docs/moe_adapters.md)."""
+        from clcli import distributed
+
+        for tw in self.model.towers:  # multi-process: every rank freezes by the counts of the global batches
+            self.model.counts[tw] = distributed.all_reduce_sum(self.model.counts[tw]).cpu()
         chosen = self.model.freeze_most_used(self.freeze_top)
         if self.history and self.history[-1]["task"] == task.index:
             self.history[-1]["frozen_now"] = chosen
@@ -308,6 +313,8 @@ class MoEAdapters:
         self.model.eval()
         if self.selector == "oracle":
             chosen = torch.tensor(dataset if dataset < self.model.num_tasks and self._learned(dataset) else -1)
+        elif not self.ddas.tasks:  # nothing learned yet: zero-shot CLIP
+            chosen = torch.tensor(-1)
         else:
             chosen = self.ddas.select(images, per_sample=self.ddas_cfg["granularity"] == "sample").cpu()
         self._record(batch, chosen)
@@ -351,7 +358,11 @@ class MoEAdapters:
     def _train_ae(self, key: int, dataset, steps: int, what: str) -> None:
         d, rt = self.ddas_cfg, self.rt
         ae = self.ddas.add(key, rt.device)
-        loader = rt.loader(dataset, int(d["batch_size"]), shuffle=True)
+        # A plain loader with a generator seeded from the global RNG (the same on every rank): in a
+        # multi-process run every rank trains the same autoencoder on all the data, so they stay equal.
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=int(d["batch_size"]), shuffle=True, generator=g,
+                                             num_workers=rt.num_workers, pin_memory=rt.device.type == "cuda")
         losses = train_autoencoder(ae, self.ddas.features, loader, steps, float(d["lr"]), float(d["weight_decay"]),
                                    int(d["decay_every_epochs"]), rt.device)
         log.info("DDAS %s: %d steps, loss %.5f -> %.5f", what, steps, losses[0], losses[-1])
