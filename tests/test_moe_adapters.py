@@ -264,7 +264,7 @@ def test_learns_on_synthetic_mtil(tmp_path):
     from clcli.train import run
 
     results = {}
-    for name, overrides in (("moe", ["+experiment=diki/moe_adapters_tiny"]),
+    for name, overrides in (("moe", ["experiment=diki/moe_adapters_tiny"]),
                             ("zs", ["method=zeroshot", "data=synthetic_mtil", "backbone=tiny_clip", "device=cpu"])):
         cfg = compose_cfg(overrides)
         assert check_config(cfg) == []
@@ -292,7 +292,7 @@ def test_learns_on_synthetic_mtil(tmp_path):
 def test_presets_compose_and_validate(preset, data, iterations, threshold, tmp_path):
     weights = tmp_path / "ViT-B-16.pt"
     weights.write_bytes(b"0")
-    base = [f"+experiment=diki/{preset}", f"backbone.checkpoint_path={weights}", "backbone.pretrained=null",
+    base = [f"experiment=diki/{preset}", f"backbone.checkpoint_path={weights}", "backbone.pretrained=null",
             f"paths.data_dir={tmp_path}"]
     cfg = compose_cfg(base)
     assert cfg.data.name == data and cfg.method.iterations == iterations
@@ -343,5 +343,5 @@ def test_sweep_validates_every_job(tmp_path, capsys, monkeypatch):
     assert code == 2  # the MTIL data, AlexNet weights and TinyImageNet are not on this machine
     for preset in ("order1", "order2", "fewshot"):
         for seed in (1993, 1996, 1997):
-            assert f"+experiment=diki/moe_adapters_{preset} seed={seed} +sweep=moe_adapters_mtil" in flat, (preset, seed)
+            assert f"experiment=diki/moe_adapters_{preset} seed={seed} +sweep=moe_adapters_mtil" in flat, (preset, seed)
     assert "Traceback" not in out and "method.top_k" not in out

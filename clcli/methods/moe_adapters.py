@@ -73,7 +73,8 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 class CyclingLoader:
     """Exactly ``steps`` batches from ``loader``, iterating it again (a new shuffle) whenever it runs
     out: an iteration budget through :func:`clcli.engine.fit` (one "epoch" of ``steps`` batches).
-    Each pass over a multi-process training loader runs inside :func:`clcli.distributed.epoch`."""
+    In a multi-process run every pass advances the loader's ``DistributedSampler`` epoch, so each pass
+    reshuffles as a single-process ``shuffle=True`` loader does."""
 
     def __init__(self, loader, steps: int):
         self.loader, self.steps = loader, int(steps)
@@ -82,16 +83,16 @@ class CyclingLoader:
         return self.steps
 
     def __iter__(self):
-        from clcli import distributed
-
         done = 0
         while done < self.steps:
-            with distributed.epoch(self.loader):
-                for batch in self.loader:
-                    yield batch
-                    done += 1
-                    if done == self.steps:
-                        return
+            for batch in self.loader:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+            sampler = getattr(self.loader, "sampler", None)
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(sampler.epoch + 1)
 
 
 class MoEStep(nn.Module):
