@@ -13,8 +13,9 @@ TINY_CIL = ["data=synthetic", "backbone=tiny_vit", "device=cpu"]
 TINY_MTIL = ["data=synthetic_mtil", "backbone=tiny_clip", "device=cpu"]
 # Each shipped method on the tiny benchmark of its kind. A new conf/method file must be added here
 # (test_every_shipped_method_is_covered), so that +debug=fast is checked for it too.
-METHODS = {"slca": TINY_CIL, "slow_learner": TINY_CIL, "seq_ft": TINY_CIL, "frozen": TINY_CIL, "joint": TINY_CIL,
-           "diki": TINY_MTIL, "zeroshot": TINY_MTIL, "clip_ft": TINY_MTIL}
+METHODS = {m: [*TINY_CIL, f"method={m}"] for m in ("slca", "slow_learner", "seq_ft", "frozen", "joint")}
+METHODS |= {m: [*TINY_MTIL, f"method={m}"] for m in ("diki", "zeroshot", "clip_ft")}
+METHODS["moe_adapters"] = ["experiment=diki/moe_adapters_tiny"]  # stand-in selector weights (docs/moe_adapters.md)
 
 
 def test_every_shipped_method_is_covered():
@@ -59,7 +60,7 @@ def test_evaluate_scores_only_the_first_batches(synthetic_mtil):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_debug_fast_runs_every_method(tmp_path, method):
-    results = run_tiny(tmp_path, [*METHODS[method], f"method={method}", "+debug=fast", "eval.batch_size=4"], method)
+    results = run_tiny(tmp_path, [*METHODS[method], "+debug=fast", "eval.batch_size=4"], method)
     assert results["status"] == "complete"
     assert results["config"]["optim"]["epochs"] == 1
     totals = results["counts"]["total"]
