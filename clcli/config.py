@@ -237,7 +237,17 @@ def _optim_problems(cfg: DictConfig) -> list[str]:
     problems: list[str] = []
     o = cfg.optim
     select_number(cfg, "optim.lr.representation", problems, minimum=0)
-    epochs = select_number(cfg, "optim.epochs", problems, minimum=1, integer=True)
+    iterations = o.get("iterations")
+    if iterations is None:
+        epochs = select_number(cfg, "optim.epochs", problems, minimum=1, integer=True)
+    else:  # iteration-based tasks (clcli.engine.fit_iterations): epochs is not read
+        epochs = None
+        select_number(cfg, "optim.iterations", problems, minimum=1, integer=True)
+    if o.get("warmup") is not None:
+        select_number(cfg, "optim.warmup", problems, minimum=0, integer=True)
+    if o.get("label_smoothing") is not None and not number_problem("x", o.label_smoothing) and \
+            not 0 <= o.label_smoothing < 1:
+        problems.append(f"optim.label_smoothing: must be in [0, 1), got {o.label_smoothing}.")
     select_number(cfg, "optim.batch_size", problems, minimum=1, integer=True)
     if o.schedule not in SCHEDULES:
         problems.append(f"optim.schedule: unknown '{o.schedule}' (known: {', '.join(SCHEDULES)}).")

@@ -250,19 +250,22 @@ def _missing_options(experiment: str) -> list[str]:
 
 
 def _key_problems(cfg) -> list[str]:
-    """check_config's problems other than missing datasets and weight files (not on this machine:
-    a missing checkpoint_path file, hub weights not in the local cache)."""
+    """check_config's problems other than missing datasets, weight files and ZSCL's reference data (not
+    on this machine: a missing checkpoint_path file, hub weights not in the local cache)."""
     from clcli.config import check_config
 
     owned = ("optim", "method", "backbone.", "seed", "train_seed", "precision", "device", "eval", "guard", "perf")
     return [p for p in check_config(cfg) if "unknown key" in p
-            or (p.startswith(owned) and not p.startswith(("backbone.checkpoint_path", "backbone.pretrained")))]
+            or (p.startswith(owned) and not p.startswith(("backbone.checkpoint_path", "backbone.pretrained",
+                                                            "method.ref_images.path", "method.ref_texts.path")))]
 
 
 def test_every_paper_table_cell_has_an_experiment():
     slca = {f"slca/{m}_{b}_{p}" for m in ("seq_ft", "slow_learner", "slca", "joint")
             for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
-    diki = {f"diki/{m}_{o}" for m in ("diki", "zeroshot", "clip_ft") for o in ("order1", "order2", "fewshot")}
+    diki = {f"diki/{m}_{o}" for m in ("diki", "zeroshot", "clip_ft", "zscl") for o in ("order1", "order2", "fewshot")}
+    diki |= {f"diki/tiny_{m}" for m in ("diki", "zeroshot", "clip_ft", "zscl")}  # the tiny CPU benchmark
+    diki |= {f"diki/moe_adapters_{o}" for o in ("order1", "order2", "fewshot", "tiny")}
     assert set(EXPERIMENTS) == slca | diki
 
 
@@ -323,7 +326,8 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
     sizes = [len(str(v).split(",")) for v in cfg.hydra.sweeper.params.values()]
     assert len(jobs) == int(np.prod(sizes)) and len({tuple(j) for j in jobs}) == len(jobs)
     seeds = {int(o.split("=")[1]) for j in jobs for o in j if o.startswith("seed=")}
-    assert seeds == ({1993, 1996} if sweep in ("smoke", "slca_lr_curve_offline") else SEEDS)
+    assert seeds == ({1993, 1996} if sweep in ("smoke", "slca_lr_curve_offline") else
+                     {1993} if sweep == "diki_mtil_tiny" else SEEDS)
     experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("experiment=")}
     assert experiments <= set(EXPERIMENTS)
     if sweep.startswith("slca_lr_curve"):  # the learning-rate figure: methods x representation lrs
@@ -332,8 +336,10 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
         assert {o.split("=")[1] for j in jobs for o in j if o.startswith("method=")} == {"slow_learner", "slca"}
     elif sweep.startswith("slca_"):
         assert len(experiments) == 16 and all(e.endswith(sweep.split("_")[1]) for e in experiments)
-    elif sweep.startswith("diki_"):
-        assert len(experiments) == 3 and len({e.rsplit("_", 1)[1] for e in experiments}) == 1
+    elif sweep == "diki_mtil_tiny":  # every row of the table on the tiny CPU benchmark
+        assert experiments == {f"diki/tiny_{m}" for m in ("zeroshot", "clip_ft", "zscl", "diki")}
+    elif sweep.startswith("diki_"):  # zero-shot, Continual-FT, ZSCL, DIKI on one benchmark
+        assert len(experiments) == 4 and len({e.rsplit("_", 1)[1] for e in experiments}) == 1
     for job_overrides in (jobs[0], jobs[-1]):
         job = _compose([f"+sweep={sweep}", *job_overrides], hydra_cfg=True)
         assert job.seed == int(next(o for o in job_overrides if o.startswith("seed=")).split("=")[1])

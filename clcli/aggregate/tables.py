@@ -68,6 +68,12 @@ OUTCOME_NOTE = ("outcome: runs that did not finish (e.g. diverged k/n) are left 
                 "runs where some task's training loss stayed at chance level (results.json warnings).")
 
 
+def _protocol_cell(g: Group) -> str:
+    """Our protocol, and the paper's where it differs (docs/diki_mtil_protocol.md#the-protocol-choice)."""
+    ours, theirs = g.protocol or DASH, g.paper_protocol
+    return ours if theirs is None or ours.split()[0] == theirs else f"{ours} (paper: {theirs})"
+
+
 def _title(kind: str, groups: list[Group]) -> str:
     common = " ".join(f"{k}={v}" for k, v in common_choices(groups).items())
     return f"{kind_title(kind)} results" + (f" [{common}]" if common else "")
@@ -80,14 +86,16 @@ def headline_table(groups: list[Group], kind: str) -> TextTable:
     metrics = headline_metrics(kind)
     with_paper = {m: any(g.paper_value(m) is not None for g in gs) for m in metrics}
     with_outcome = any(g.outcome for g in gs)
-    header = ["group", "seeds"] + (["outcome"] if with_outcome else [])
+    with_protocol = any(g.protocol for g in gs)  # MTIL: which protocol (templates, splits) each row used
+    header = ["group", "seeds"] + (["protocol"] if with_protocol else []) + (["outcome"] if with_outcome else [])
     for m in metrics:
         header.append(m)
         if with_paper[m]:
             header += [f"{m} paper", f"{m} Δ"]
     rows = []
     for g in gs:
-        row = [g.label, ",".join(map(str, g.seeds))] + ([g.outcome or DASH] if with_outcome else [])
+        row = [g.label, ",".join(map(str, g.seeds))] + ([_protocol_cell(g)] if with_protocol else []) + \
+            ([g.outcome or DASH] if with_outcome else [])
         for m in metrics:
             s = g.stat(m)
             row.append(s.text())
