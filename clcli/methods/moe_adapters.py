@@ -309,7 +309,6 @@ class MoEAdapters:
     @torch.no_grad()
     def predict(self, batch: EvalBatch) -> torch.Tensor:
         images, dataset = batch.images, batch.task.index  # the dataset gives the label space only
-        tokens = self.bank.tokens(batch.candidates, self.rt.device)
         scale = self.model.logit_scale
         self.model.eval()
         if self.selector == "oracle":
@@ -322,25 +321,28 @@ class MoEAdapters:
         if chosen.ndim == 0:
             k = int(chosen)
             task = None if k < 0 else k
-            return cosine_logits(self.model.encode_image(images, task), self._text_features(dataset, tokens, task), scale)
-        logits = torch.empty(images.shape[0], tokens.shape[0], device=images.device, dtype=torch.float32)
+            return cosine_logits(self.model.encode_image(images, task),
+                                 self._text_features(dataset, batch.candidates, task), scale)
+        logits = torch.empty(images.shape[0], len(batch.candidates), device=images.device, dtype=torch.float32)
         for k in torch.unique(chosen).tolist():
             idx = torch.nonzero(chosen == k).flatten().to(images.device)
             task = None if k < 0 else k
             logits[idx] = cosine_logits(self.model.encode_image(images[idx], task),
-                                        self._text_features(dataset, tokens, task), scale)
+                                        self._text_features(dataset, batch.candidates, task), scale)
         return logits
 
     # ------------------------------------------------------------------ helpers
     def _learned(self, task: int) -> bool:
         return any(r["task"] == task for r in self.history)
 
-    def _text_features(self, dataset: int, tokens: torch.Tensor, task: int | None) -> torch.Tensor:
-        """The dataset's prompt features through ``task``'s router (``None``: frozen CLIP); exact to
-        cache within a stage (evaluation routing is deterministic; cleared when training starts)."""
+    def _text_features(self, dataset: int, candidates: range, task: int | None) -> torch.Tensor:
+        """The dataset's text classifier through ``task``'s router (``None``: frozen CLIP), under the
+        scenario's protocol (one template, or ZSCL's template ensemble: ``PromptBank.classifier``);
+        exact to cache within a stage (evaluation routing is deterministic; cleared when training starts)."""
         key = (dataset, task)
         if key not in self._text:
-            self._text[key] = self.model.encode_text(tokens, task)
+            self._text[key] = self.bank.classifier(lambda tokens: self.model.encode_text(tokens, task), candidates,
+                                                   self.rt.device)
         return self._text[key]
 
     def _record(self, batch: EvalBatch, chosen: torch.Tensor) -> None:
