@@ -1,5 +1,5 @@
-"""``clcli`` dispatcher: ``train`` and ``validate`` hand the rest of argv to Hydra; ``table`` and
-``data`` are plain argparse commands."""
+"""``clcli`` dispatcher: ``train`` and ``validate`` hand the rest of argv to Hydra; ``table``, ``data``,
+``eval`` and ``export-stats`` are plain argparse commands."""
 from __future__ import annotations
 
 import os
@@ -16,6 +16,12 @@ commands:
   validate [overrides]   check a configuration (keys, values, data dirs, weight files) and exit
   table DIR              aggregate results.json files under DIR into a mean ± std table
   data prepare NAME      turn a downloaded dataset into the folder layout clcli reads
+  data download NAME     download, verify, extract and prepare imagenet_r or cub200 (resumable)
+  eval RUN_DIR [task=K] [key=value] [--output DIR]
+                         evaluate a finished run again from its checkpoints (paths.data_dir=, device=,
+                         eval.batch_size= may change); writes RUN_DIR/eval[-N]/ or DIR
+  export-stats RUN_DIR --output F.npz|F.safetensors [--task K] [--force]
+                         write the Gaussian statistics stored in a run's checkpoints
 
 Examples:
   clcli train                                   # SLCA on split_digits with EfficientNet-Lite0 (offline)
@@ -166,6 +172,20 @@ def _guarded(fn):
         sys.exit(2)
 
 
+def _eval(rest: list[str]) -> None:
+    """``clcli eval``: the work is in :mod:`clcli.evaluate_run`; bad input exits 2."""
+    from clcli.evaluate_run import main as eval_main
+
+    _guarded(lambda: eval_main(rest))
+
+
+def _export_stats(rest: list[str]) -> None:
+    """``clcli export-stats``: the work is in :mod:`clcli.export`; bad input exits 2."""
+    from clcli.export import main as export_main
+
+    _guarded(lambda: export_main(rest))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -198,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         from clcli.data.prepare import main as data_main
 
         data_main(rest)
+    elif command == "eval":
+        _eval(rest)
+    elif command == "export-stats":
+        _export_stats(rest)
     else:
         print(f"clcli: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

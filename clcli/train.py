@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clcli import distributed
 from clcli.config import PRECISIONS, check_config
+from clcli.data.scenario import Scenario
 from clcli.engine import Runtime, apply_perf_options, evaluate, loader_workers, resolve_device, seed_everything
 from clcli.errors import ConfigError, DivergenceError
 from clcli.evaluation import AccuracyMatrix
@@ -25,6 +27,34 @@ from clcli.results import RunStore, config_fingerprint, environment, write_outpu
 from clcli.summary import print_summary
 
 log = logging.getLogger("clcli")
+
+
+@dataclass
+class Built:
+    """What an experiment runs on: the runtime, the backbone, the method and its scenario."""
+
+    rt: Runtime
+    backbone: object
+    method: object
+    scenario: Scenario
+    train_seed: int
+
+
+def build(cfg: DictConfig, device) -> Built:
+    """Build runtime, backbone, method and scenario from ``cfg`` on ``device``, as a run does: the one
+    build shared by ``clcli train`` and ``clcli eval`` (:mod:`clcli.evaluate_run`), so that a
+    re-evaluation loads its checkpoints into the same objects the run saved them from."""
+    rt = Runtime(device=device, num_workers=loader_workers(cfg.loader.num_workers, device),
+                 channels_last=cfg.perf.channels_last,
+                 eval_batch_size=cfg.eval.batch_size, amp_dtype=PRECISIONS[cfg.precision],
+                 max_loss_factor=cfg.guard.max_loss_factor, chance_loss_ratio=cfg.guard.chance_loss_ratio)
+    train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
+    seed_everything(train_seed)  # model construction (fresh norms, heads) is seeded too
+    backbone = instantiate(cfg.backbone)
+    apply_perf_options(cfg.perf, backbone)
+    method = instantiate(cfg.method, _partial_=True)(backbone=backbone, optim=cfg.optim, runtime=rt)
+    scenario = method.prepare_scenario(instantiate(cfg.data).build(backbone))
+    return Built(rt, backbone, method, scenario, train_seed)
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
@@ -53,16 +83,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
         return done
 
     t0 = time.perf_counter()
-    rt = Runtime(device=device, num_workers=loader_workers(cfg.loader.num_workers, device),
-                 channels_last=cfg.perf.channels_last,
-                 eval_batch_size=cfg.eval.batch_size, amp_dtype=PRECISIONS[cfg.precision],
-                 max_loss_factor=cfg.guard.max_loss_factor, chance_loss_ratio=cfg.guard.chance_loss_ratio)
-    train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
-    seed_everything(train_seed)  # model construction (fresh norms, heads) is seeded too
-    backbone = instantiate(cfg.backbone)
-    apply_perf_options(cfg.perf, backbone)
-    method = instantiate(cfg.method, _partial_=True)(backbone=backbone, optim=cfg.optim, runtime=rt)
-    scenario = method.prepare_scenario(instantiate(cfg.data).build(backbone))
+    built = build(cfg, device)
+    rt, backbone, method, scenario, train_seed = built.rt, built.backbone, built.method, built.scenario, built.train_seed
     matrix = AccuracyMatrix(len(scenario))
     timings: list[dict] = []
     start = 0

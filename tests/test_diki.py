@@ -283,7 +283,10 @@ def test_mtil_metrics_golden_zscl_zero_shot_row():
 def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg(["method=diki", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
+    weights = tmp_path / "ViT-B-16.pt"  # the hub weights are not on this machine: a local file stands in
+    weights.write_bytes(b"0")
+    clip = ["backbone=clip_vit_b16", f"backbone.checkpoint_path={weights}", "backbone.pretrained=null"]
+    cfg = compose_cfg(["method=diki", f"data={data}", *clip, f"paths.data_dir={tmp_path}"])
     assert cfg.backbone.model_name == "ViT-B-16-quickgelu" and "classifier" not in cfg.optim.lr
     assert cfg.optim.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0,
                                    "weight_decay": 0.0}
@@ -297,7 +300,7 @@ def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_pa
         assert str(tmp_path / cfg.data.dirs[name]) in text, name
     assert all(p.split(":")[0] in order for p in problems), problems  # nothing but missing data
     for other in ("zeroshot", "clip_ft"):
-        cfg2 = compose_cfg([f"method={other}", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
+        cfg2 = compose_cfg([f"method={other}", f"data={data}", *clip, f"paths.data_dir={tmp_path}"])
         assert check_config(cfg2) == problems
 
 

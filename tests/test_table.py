@@ -250,12 +250,13 @@ def _missing_options(experiment: str) -> list[str]:
 
 
 def _key_problems(cfg) -> list[str]:
-    """check_config's problems other than missing datasets and weight files (not on this machine)."""
+    """check_config's problems other than missing datasets and weight files (not on this machine:
+    a missing checkpoint_path file, hub weights not in the local cache)."""
     from clcli.config import check_config
 
     owned = ("optim", "method", "backbone.", "seed", "train_seed", "precision", "device", "eval", "guard", "perf")
     return [p for p in check_config(cfg) if "unknown key" in p
-            or (p.startswith(owned) and not p.startswith("backbone.checkpoint_path"))]
+            or (p.startswith(owned) and not p.startswith(("backbone.checkpoint_path", "backbone.pretrained")))]
 
 
 def test_every_paper_table_cell_has_an_experiment():
