@@ -156,6 +156,10 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict, device) -> dict:
         "paper": resolved.get("paper"),
         "config": resolved,
     }
+    extra = method.extra_results() if hasattr(method, "extra_results") else {}  # e.g. the representation probe
+    if extra:
+        results["metrics"] = {**results["metrics"], **extra.pop("metrics", {})}
+        results.update(extra)
     write_outputs(run_dir, results)  # rank 0 writes and prints
     loggers_lib.log_final(rt.loggers, rt.history, len(timings), headline(results, partial=True))
     rt.loggers.finish(status)

@@ -177,6 +177,11 @@ class Group:
         v = (self.paper or {}).get(metric)
         return float(v) if is_number(v) else None
 
+    def paper_kind(self, metric: str) -> str | None:
+        """Where the paper value comes from (``paper.kinds``: table, figure, derived, secondary, recalled)."""
+        kind = ((self.paper or {}).get("kinds") or {}).get(metric)
+        return str(kind) if kind and self.paper_value(metric) is not None else None
+
     def paper_unverified(self, metric: str) -> bool:
         return metric in ((self.paper or {}).get("unverified") or [])
 
