@@ -270,14 +270,15 @@ def _missing_options(experiment: str) -> list[str]:
 
 
 def _key_problems(cfg) -> list[str]:
-    """check_config's problems other than missing datasets, weight files and ZSCL's reference data (not
+    """check_config's problems other than missing datasets, weight files, ZSCL's reference data and MoE-Adapters' selector files (not
     on this machine: a missing checkpoint_path file, hub weights not in the local cache)."""
     from clcli.config import check_config
 
     owned = ("optim", "method", "backbone.", "seed", "train_seed", "precision", "device", "eval", "guard", "perf")
     return [p for p in check_config(cfg) if "unknown key" in p
             or (p.startswith(owned) and not p.startswith(("backbone.checkpoint_path", "backbone.pretrained",
-                                                            "method.ref_images.path", "method.ref_texts.path")))]
+                                                            "method.ref_images.path", "method.ref_texts.path",
+                                                            "method.ddas.alexnet_weights", "method.ddas.tinyimagenet_dir")))]
 
 
 def test_every_paper_table_cell_has_an_experiment():
