@@ -50,6 +50,7 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 
 
 def _fill_rows(buf: torch.Tensor, seed: int, first: int, lo: int, hi: int) -> None:
+    """Rows ``lo:hi`` of ``buf``, each from its own stream, with a generator private to this call."""
     g = torch.Generator()
     for j in range(lo, hi):
         g.manual_seed((seed + first + j) % 2**32)
@@ -68,7 +69,7 @@ def fill_normal(buf: torch.Tensor, seed: int, first: int = 0) -> torch.Tensor:
         _fill_rows(buf, seed, first, 0, m)
         return buf
     bounds = [m * t // workers for t in range(workers + 1)]
-    pool = _executor(workers - 1)
+    pool = _executor(torch.get_num_threads() - 1)  # sized by the setting, not by m: no rebuild per run
     jobs = [pool.submit(_fill_rows, buf, seed, first, bounds[t], bounds[t + 1]) for t in range(1, workers)]
     try:
         _fill_rows(buf, seed, first, bounds[0], bounds[1])
