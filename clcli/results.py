@@ -78,7 +78,8 @@ def atomic_torch_save(obj, path: Path) -> None:
 # Bumped when the code draws random numbers differently for the same config, so that a run dir
 # started by an older version is refused on resume instead of continuing with another stream.
 # 2: unshuffled loaders (evaluation, statistics, feature passes) no longer draw from the global RNG.
-RNG_PROTOCOL = 2
+# 3: classifier-alignment noise on the CPU: one stream per class, seeded by one draw per epoch (clcli.noise).
+RNG_PROTOCOL = 3
 
 
 def config_fingerprint(resolved: dict) -> str:
