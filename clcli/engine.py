@@ -238,9 +238,11 @@ class LossGuard:
 
 def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
-        train_mode: Callable[[], None] | None = None, require_learning: bool = False) -> list[float]:
+        train_mode: Callable[[], None] | None = None, require_learning: bool = False,
+        after_step: Callable[[int], None] | None = None) -> list[float]:
     """Run ``epochs`` of ``loss = model(x, y)``, backward, optimizer step; schedule per epoch or per
-    step (``scheduler.per_step``). Returns the mean loss of every epoch. A non-finite or exploding
+    step (``scheduler.per_step``); ``after_step(s)`` after the ``s``-th step's update (0-based, counted
+    over the whole call). Returns the mean loss of every epoch. A non-finite or exploding
     loss raises :class:`DivergenceError`. ``require_learning``: a final epoch loss still at chance
     level is recorded as a collapse warning (``rt.warn``; the run goes on).
 
@@ -262,7 +264,7 @@ def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, 
     guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16 and all(
         p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"]))
-    history = []
+    history, steps_done = [], 0
     with distributed.rank_streams():  # multi-process: per-rank draws; the global RNG stays shared
         for epoch in rt.track(range(epochs), f"{where} epochs"):
             if train_mode is not None:
@@ -282,6 +284,9 @@ def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, 
                 scaler.update()
                 if scheduler is not None and getattr(scheduler, "per_step", False):
                     scheduler.step()
+                if after_step is not None:
+                    after_step(steps_done)
+                steps_done += 1
                 total, count = total + value * n, count + n
                 rt.show(total / max(count, 1), lrs, count / (time.perf_counter() - tick))
             if isinstance(sampler, torch.utils.data.DistributedSampler):
@@ -299,61 +304,46 @@ def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, 
     return history
 
 
+class CyclingLoader:
+    """Exactly ``steps`` batches from ``loader``, iterating it again (a new shuffle) whenever it runs
+    out: an iteration budget through :func:`clcli.engine.fit` (one "epoch" of ``steps`` batches).
+    In a multi-process run every pass advances the loader's ``DistributedSampler`` epoch, so each pass
+    reshuffles as a single-process ``shuffle=True`` loader does."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, int(steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        done = 0
+        while done < self.steps:
+            for batch in self.loader:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+            sampler = getattr(self.loader, "sampler", None)
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(sampler.epoch + 1)
+
+
+
 def fit_iterations(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, iterations: int,
                    optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
                    after_step: Callable[[int], None] | None = None, require_learning: bool = False) -> list[float]:
     """Iteration-based training (``optim.iterations``, docs/diki_mtil_protocol.md#iteration-based-tasks):
-    optimizer steps ``s = 0..iterations`` (inclusive, as ZSCL's loop: ``iterations + 1`` steps),
-    cycling ``loader`` — a new pass (re-shuffled) whenever the previous one is used up, i.e. at every
-    multiple of ``len(loader)``. The schedule is stepped after every optimizer step;
-    ``after_step(s)`` runs after step ``s``'s update (ZSCL's weight average). Returns the mean loss of
-    every pass over the loader (the last one possibly partial). Same loss-module contract, guards,
-    DDP wrapping and per-rank streams as :func:`fit`, which this mirrors step for step."""
-    net = distributed.data_parallel(model)  # the module itself in a single process
-    sampler = getattr(loader, "sampler", None)
-    world = distributed.world_size()
-    guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16 and all(
-        p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"]))
-    total_steps, history, s, n_pass = iterations + 1, [], 0, 0
+    optimizer steps ``s = 0..iterations`` (inclusive, as ZSCL's loop: ``iterations + 1`` steps) as one
+    :func:`fit` epoch over the loader cycled (:class:`CyclingLoader`: a new, re-shuffled pass whenever
+    the previous one is used up). The schedule is stepped after every optimizer step; ``after_step(s)``
+    runs after step ``s``'s update (ZSCL's weight average). Returns ``[mean loss over all steps]``."""
     if len(loader) == 0:
         raise ValueError(f"{where}: the training loader is empty")
-    with distributed.rank_streams():  # multi-process: per-rank draws; the global RNG stays shared
-        while s < total_steps:
-            total, count = 0.0, 0
-            lrs, tick = [g["lr"] for g in optimizer.param_groups], time.perf_counter()
-            for x, y in rt.track(loader, f"{where} pass {n_pass + 1} (step {s}/{total_steps})"):
-                optimizer.zero_grad(set_to_none=True)
-                x, y = rt.images(x), y.to(rt.device, non_blocking=True)
-                with rt.autocast():
-                    loss = net(x, y)
-                scaler.scale(loss).backward()  # multi-process: DDP averages the gradients meanwhile
-                value, n = distributed.mean_over_ranks(loss), len(y) * world
-                guard.check(value, n_pass, s)
-                scaler.step(optimizer)
-                scaler.update()
-                if scheduler is not None:
-                    scheduler.step()
-                if after_step is not None:
-                    after_step(s)
-                total, count = total + value * n, count + n
-                rt.show(total / max(count, 1), lrs, count / (time.perf_counter() - tick))
-                s += 1
-                if s >= total_steps:
-                    break
-            if isinstance(sampler, torch.utils.data.DistributedSampler):
-                sampler.set_epoch(sampler.epoch + 1)  # the next pass reshuffles
-            history.append(total / max(count, 1))
-            n_pass += 1
-            rt.epoch_done(where, n_pass, -(-total_steps // len(loader)), history[-1], lrs,
-                          count / (time.perf_counter() - tick))
-    optimizer.zero_grad(set_to_none=True)
-    if net is not model:  # a DDP built here sits in a reference cycle: free its gradient buckets now
-        del net
-        gc.collect()
-    if require_learning and history and (collapse := guard.collapse(history[-1], len(history))) is not None:
-        rt.warn(collapse)
-    return history
+    if scheduler is not None:
+        scheduler.per_step = True
+    return fit(model, CyclingLoader(loader, iterations + 1), epochs=1, optimizer=optimizer, scheduler=scheduler,
+               rt=rt, where=where, num_classes=num_classes, after_step=after_step, require_learning=require_learning)
 
 
 @torch.inference_mode()

@@ -65,7 +65,7 @@ def test_fit_iterations_cycles_the_loader():
     passes = fit_iterations(step, loader, iterations=7, optimizer=opt, scheduler=None, rt=Runtime(), where="t",
                             num_classes=2, after_step=after.append)
     assert after == list(range(8))  # steps 0..iterations inclusive
-    assert len(step.seen) == 8 and len(passes) == 3  # 3 + 3 + 2 batches
+    assert len(step.seen) == 8 and len(passes) == 1  # 3 + 3 + 2 batches, one fit epoch
     for k in (0, 3):  # every full pass sees each item once, in a fresh order
         assert sorted(sum(step.seen[k : k + 3], [])) == list(range(6))
     assert sum(step.seen[0:3], []) != sum(step.seen[3:6], [])  # re-shuffled (seed 0)

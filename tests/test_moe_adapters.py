@@ -21,11 +21,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from clcli.config import check_config
-from clcli.engine import Runtime
+from clcli.engine import CyclingLoader, Runtime
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
 from clcli.methods.clip_baselines import ZeroShotCLIP
-from clcli.methods.moe_adapters import CyclingLoader, MoEAdapters, warmup_cosine
+from clcli.methods.moe_adapters import MoEAdapters, warmup_cosine
 from clcli.models.ddas import AutoEncoder
 from clcli.models.moe import MoEClip, adapter_parameter_count, router_parameter_count, top_k_gates
 

@@ -270,8 +270,9 @@ def _missing_options(experiment: str) -> list[str]:
 
 
 def _key_problems(cfg) -> list[str]:
-    """check_config's problems other than missing datasets, weight files, ZSCL's reference data and MoE-Adapters' selector files (not
-    on this machine: a missing checkpoint_path file, hub weights not in the local cache)."""
+    """check_config's problems other than missing datasets, weight files, ZSCL's reference data and
+    MoE-Adapters' selector files (not on this machine: a missing checkpoint_path file, hub weights not
+    in the local cache)."""
     from clcli.config import check_config
 
     owned = ("optim", "method", "backbone.", "seed", "train_seed", "precision", "device", "eval", "guard", "perf")

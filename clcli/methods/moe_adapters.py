@@ -39,7 +39,7 @@ from torch import nn
 
 from clcli import optim as optim_lib
 from clcli.data.scenario import Scenario, Task
-from clcli.engine import Runtime, fit
+from clcli.engine import CyclingLoader, Runtime, fit
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
 from clcli.methods.clip_baselines import PromptBank, classifier_lr_problems, clip_problems, cosine_logits, not_positive
@@ -68,31 +68,6 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     span = max(total - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
-
-
-class CyclingLoader:
-    """Exactly ``steps`` batches from ``loader``, iterating it again (a new shuffle) whenever it runs
-    out: an iteration budget through :func:`clcli.engine.fit` (one "epoch" of ``steps`` batches).
-    In a multi-process run every pass advances the loader's ``DistributedSampler`` epoch, so each pass
-    reshuffles as a single-process ``shuffle=True`` loader does."""
-
-    def __init__(self, loader, steps: int):
-        self.loader, self.steps = loader, int(steps)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        done = 0
-        while done < self.steps:
-            for batch in self.loader:
-                yield batch
-                done += 1
-                if done == self.steps:
-                    return
-            sampler = getattr(self.loader, "sampler", None)
-            if isinstance(sampler, torch.utils.data.DistributedSampler):
-                sampler.set_epoch(sampler.epoch + 1)
 
 
 class MoEStep(nn.Module):
