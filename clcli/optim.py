@@ -10,6 +10,8 @@ Schedules are stepped per epoch (``multistep``, ``cosine``, ``constant``) or per
 linear warm-up over ``warmup`` steps then cosine to 0, docs/diki_mtil_protocol.md#continual-ft-zscl-recipe).
 ``iterations`` (null = epoch-based) trains a fixed number of steps instead of epochs
 (:func:`clcli.engine.fit_iterations`); ``label_smoothing`` is read by the CLIP fine-tuning methods.
+``coda_cosine`` is CODA-Prompt's per-epoch factor cos(99π·e / (200·(E−1)))
+(docs/prompt_baselines.md#hyper-parameters-per-benchmark).
 """
 from __future__ import annotations
 
@@ -22,11 +24,11 @@ import torch
 
 log = logging.getLogger("clcli")
 
-SCHEDULES = ("multistep", "cosine", "constant", "cosine_steps", "warmup_cosine")
+SCHEDULES = ("multistep", "cosine", "constant", "cosine_steps", "warmup_cosine", "coda_cosine")
 # The ``optim`` keys each schedule reads; ``check_config`` refuses one its schedule does not read.
 SCHEDULE_KEYS = {"multistep": ("milestones", "gamma"), "cosine": ("final_lr_ratio",),
                  "cosine_steps": ("final_lr_ratio",), "constant": (),
-                 "warmup_cosine": ("warmup",)}
+                 "warmup_cosine": ("warmup",), "coda_cosine": ()}
 # The keys of ``cfg.optim`` some code reads (``check_config`` refuses any other); ``optimizer`` is the
 # component node, checked against its ``_target_``'s signature. ``lr.classifier`` belongs to the
 # methods with a classifier head, which check it themselves.
@@ -96,6 +98,8 @@ def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_
     elif schedule == "warmup_cosine":
         last = iterations if iterations is not None else max(epochs * steps_per_epoch - 1, 1)
         fn = functools.partial(warmup_cosine, warmup=int(warmup), last=int(last))
+    elif schedule == "coda_cosine":
+        fn = lambda e: math.cos(99 * math.pi * e / (200 * max(epochs - 1, 1)))  # noqa: E731
     else:
         raise ValueError(f"optim.schedule: unknown '{schedule}' (known: {', '.join(SCHEDULES)})")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)

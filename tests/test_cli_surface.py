@@ -215,7 +215,7 @@ def test_the_completion_script_calls_a_command_the_dispatcher_answers(capsys, mo
     call = re.search(r"\$helper (.+)\)", script).group(1)
     assert call == "-sc query=bash"
     assert "method=" in _query("clcli train meth", capsys, monkeypatch)
-    assert _query("clcli train method=sl", capsys, monkeypatch) == ["method=slca", "method=slow_learner"]
+    assert _query("clcli train method=sl", capsys, monkeypatch) == ["method=slca", "method=slcapp", "method=slow_learner"]
     assert f"experiment={PRESET}" in _query("clcli validate experiment=slca/slca_ci", capsys, monkeypatch)
     assert _query("clcli tr", capsys, monkeypatch) == ["train"]
     assert _query("clcli ls optim", capsys, monkeypatch) == ["optim", "optim/optimizer"]

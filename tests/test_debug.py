@@ -18,6 +18,7 @@ METHODS |= {m: [*TINY_MTIL, f"method={m}"] for m in ("diki", "zeroshot", "clip_f
 METHODS["moe_adapters"] = ["experiment=diki/moe_adapters_tiny"]  # stand-in selector weights (docs/moe_adapters.md)
 METHODS["zscl"] = ["experiment=diki/tiny_zscl"]  # stand-in reference images and texts (docs/diki_mtil_protocol.md)
 METHODS["slcapp"] = [*TINY_CIL, "method=slcapp"]
+METHODS |= {m: [*TINY_CIL, f"method={m}"] for m in ("l2p", "dualprompt", "coda_prompt")}
 
 
 def test_every_shipped_method_is_covered():

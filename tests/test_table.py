@@ -288,7 +288,9 @@ def test_every_paper_table_cell_has_an_experiment():
     diki = {f"diki/{m}_{o}" for m in ("diki", "zeroshot", "clip_ft", "zscl") for o in ("order1", "order2", "fewshot")}
     diki |= {f"diki/tiny_{m}" for m in ("diki", "zeroshot", "clip_ft", "zscl")}  # the tiny CPU benchmark
     diki |= {f"diki/moe_adapters_{o}" for o in ("order1", "order2", "fewshot", "tiny")}
-    assert set(EXPERIMENTS) == slca | diki
+    prompts = {f"prompts/{m}{ca}_{b}_{p}" for m in ("l2p", "dualprompt", "coda_prompt") for ca in ("", "_ca")
+               for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
+    assert set(EXPERIMENTS) == slca | diki | prompts
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -299,7 +301,7 @@ def test_experiment_composes_with_a_paper_block(experiment):
     assert _key_problems(cfg) == []
     paper = cfg.paper
     assert paper.get("source") or paper.get("note"), "paper: needs a source or a note"
-    kind = "class_incremental" if experiment.startswith("slca/") else "domain_class_incremental"
+    kind = "domain_class_incremental" if experiment.startswith("diki/") else "class_incremental"
     metrics = set(headline_metrics(kind))
     values = {k: v for k, v in paper.items() if k in metrics}
     assert values, "paper: names the table's metrics (null where not available)"
@@ -384,6 +386,8 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
         assert experiments == {f"diki/tiny_{m}" for m in ("zeroshot", "clip_ft", "zscl", "diki")}
     elif sweep.startswith("diki_"):  # zero-shot, Continual-FT, ZSCL, DIKI on one benchmark
         assert len(experiments) == 4 and len({e.rsplit("_", 1)[1] for e in experiments}) == 1
+    elif sweep.startswith("prompts_"):  # tests/test_prompts.py checks these cells
+        assert len(experiments) == 24 and all(e.startswith("prompts/") and e.endswith(sweep.split("_")[1]) for e in experiments)
     for job_overrides in (jobs[0], jobs[-1]):
         job = _compose([f"+sweep={sweep}", *job_overrides], hydra_cfg=True)
         assert job.seed == int(next(o for o in job_overrides if o.startswith("seed=")).split("=")[1])

@@ -7,6 +7,8 @@
   adds a random resized crop (scale 0.6–1) and horizontal flip.
 - ``upscale``: small images (digits, synthetic) resized to the backbone's input size, no crop, no
   flip (a flipped digit is another symbol), the backbone's mean/std.
+- ``prompt_jhlee`` / ``prompt_coda`` / ``prompt_coda_cifar``: the prompt methods' reference pipelines,
+  images in [0, 1] without normalization (docs/prompt_baselines.md#input-pipeline).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ BICUBIC = T.InterpolationMode.BICUBIC
 CIFAR_STATS = ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-RECIPES = ("slca_cifar", "slca_imagenet_r", "slca_fgvc", "backbone", "upscale")
+RECIPES = ("slca_cifar", "slca_imagenet_r", "slca_fgvc", "backbone", "upscale", "prompt_jhlee", "prompt_coda",
+           "prompt_coda_cifar")
 
 
 def _interp(name: str) -> T.InterpolationMode:
@@ -44,6 +47,16 @@ def build_transforms(recipe: str, backbone) -> tuple[Callable, Callable]:
             big = round(size * 300 / 224)
             train = [T.Resize((big, big), interpolation=BICUBIC), T.RandomCrop((crop, crop)), T.RandomHorizontalFlip()]
         return T.Compose([*train, *tail]), test
+    if recipe.startswith("prompt_"):  # defined at 224 like the SLCA recipes; ToTensor only ([0, 1])
+        resize, crop = round(size * 256 / 224), size
+        if recipe == "prompt_jhlee":
+            train = T.RandomResizedCrop(crop, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3),
+                                        interpolation=T.InterpolationMode.BILINEAR)
+        else:
+            train = T.RandomResizedCrop(crop)
+        test = ([T.Resize((crop, crop))] if recipe == "prompt_coda_cifar"  # CIFAR is square: a plain resize
+                else [T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(crop)])
+        return T.Compose([train, T.RandomHorizontalFlip(), T.ToTensor()]), T.Compose([*test, T.ToTensor()])
     interp = _interp(backbone.interpolation)
     tail = [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)]
     if recipe == "backbone":
