@@ -18,7 +18,8 @@ METHODS |= {m: [*TINY_MTIL, f"method={m}"] for m in ("diki", "zeroshot", "clip_f
 METHODS["moe_adapters"] = ["experiment=diki/moe_adapters_tiny"]  # stand-in selector weights (docs/moe_adapters.md)
 METHODS["zscl"] = ["experiment=diki/tiny_zscl"]  # stand-in reference images and texts (docs/diki_mtil_protocol.md)
 METHODS["slcapp"] = [*TINY_CIL, "method=slcapp"]
-METHODS |= {m: [*TINY_CIL, f"method={m}"] for m in ("l2p", "dualprompt", "coda_prompt")}
+METHODS |= {m: [*TINY_CIL, f"method={m}", "backbone.model_kwargs.depth=6"] for m in ("l2p", "dualprompt", "coda_prompt")}
+METHODS["coda_prompt"].append("method.prompt.pool_size=6")  # pool_size / tasks components per task: 3 tiny tasks
 
 
 def test_every_shipped_method_is_covered():
