@@ -25,6 +25,9 @@ from clcli.stats import GaussianStats
 CA_KEYS = ("enabled", "epochs", "samples_per_class", "lr", "momentum", "weight_decay", "logit_norm_tau",
            "mean_scaling", "buggy_task_id")
 STATS_KEYS = ("ridge", "batch_size")
+# Optional ``method.ca`` keys (SLCA++, docs/slca_protocol.md#slca-alignment-and-feature-scales) and
+# their values when absent (off: SLCA's behaviour).
+CA_OPTIONAL = {"sample_shrink": 0.0, "feature_scale": 0.0}
 
 
 def logit_norm_loss(logits: torch.Tensor, targets: torch.Tensor, slices: list[tuple[int, int]], tau: float) -> torch.Tensor:
@@ -46,11 +49,26 @@ def ca_mean_scale(labels: list[int], task_index: int, task_of: list[int], curren
     return torch.tensor([0.9 + 0.1 * (t + 1) / (T + 1) for t in t_c], dtype=torch.float64)
 
 
+def ca_sample_shrink(labels: list[int], n: int, task_index: int, task_of: list[int], current_task_size: int,
+                     buggy_task_id: bool, mu: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """SLCA++'s per-sample shrink of alignment samples, ``[len(labels), n]``: sample i of class c is
+    multiplied by ``1/(1 + s_i·(T − t_c))`` with ``s_i = mu + 0.02·(u_i − 0.5)``, ``u_i ~ U[0, 1)``
+    (``mu`` = 0.02: s ∈ [0.01, 0.03]); t_c as in :func:`ca_mean_scale`
+    (docs/slca_protocol.md#slca-alignment-and-feature-scales)."""
+    T = task_index
+    t_c = torch.tensor([c // current_task_size if buggy_task_id else task_of[c] for c in labels],
+                       dtype=torch.float32, device=device)
+    u = torch.rand(len(labels), n, generator=generator, device=device)
+    s = mu + 0.02 * (u - 0.5)
+    return 1.0 / (1.0 + s * (T - t_c)[:, None])
+
+
 def ca_config_problems(ca: dict, stats: dict, ca_keys: tuple[str, ...] = CA_KEYS) -> list[str]:
     """Problems of ``method.ca.*`` and ``method.stats.*`` (names and ranges). Without alignment only
     ``ca.enabled`` is required. ``ca_keys``: the ``method.ca`` keys the method reads (a method may
-    read more than :data:`CA_KEYS` and check those itself)."""
-    problems = dict_key_problems(ca, ca_keys, "method.ca", required=False)
+    read more than :data:`CA_KEYS` and check those itself); the keys of :data:`CA_OPTIONAL` may be
+    given or not."""
+    problems = dict_key_problems(ca, tuple(ca_keys) + tuple(CA_OPTIONAL), "method.ca", required=False)
     problems += [f"method.ca.{k}: missing; classifier alignment (method.ca.enabled) needs it."
                  for k in (ca_keys if ca.get("enabled", True) else ("enabled",)) if k not in ca]
     problems += dict_key_problems(stats, STATS_KEYS, "method.stats")
@@ -61,6 +79,8 @@ def ca_config_problems(ca: dict, stats: dict, ca_keys: tuple[str, ...] = CA_KEYS
         ("method.ca.momentum", ca.get("momentum"), dict(minimum=0)),
         ("method.ca.weight_decay", ca.get("weight_decay"), dict(minimum=0)),
         ("method.ca.logit_norm_tau", ca.get("logit_norm_tau"), {}),
+        ("method.ca.sample_shrink", ca.get("sample_shrink"), dict(minimum=0)),
+        ("method.ca.feature_scale", ca.get("feature_scale"), dict(minimum=0)),
         ("method.stats.ridge", stats.get("ridge"), dict(minimum=0, strict=True)),
         ("method.stats.batch_size", stats.get("batch_size"), dict(minimum=1, integer=True)),
     ):
@@ -94,12 +114,17 @@ def align(heads: TaskHeads, stats: GaussianStats, ca: dict, task, task_of: list[
     labels = list(range(task.labels.stop))
     scale = (ca_mean_scale(labels, task.index, task_of, task.num_classes, ca["buggy_task_id"])
              if ca["mean_scaling"] else None)
+    shrink = float(ca.get("sample_shrink", CA_OPTIONAL["sample_shrink"]))
     opt = optim_lib.sgd([(aligned.parameters(), ca["lr"])], momentum=ca["momentum"], weight_decay=ca["weight_decay"])
     sched = optim_lib.scheduler(opt, "cosine", ca["epochs"], 1)
     n, slices = ca["samples_per_class"], aligned.slices()
     x = None
     for epoch in rt.track(range(ca["epochs"]), "alignment epochs"):
         x, y = stats.sample(labels, n, mean_scale=scale, device=rt.device, out=x)  # one buffer, every epoch
+        if shrink > 0:  # SLCA++: every sample shrunk by its own random factor (samples are grouped by class)
+            factor = ca_sample_shrink(labels, n, task.index, task_of, task.num_classes, ca["buggy_task_id"], shrink,
+                                      device=x.device)
+            x.view(len(labels), n, -1).mul_(factor[:, :, None].to(x.dtype))
         perm = torch.randperm(len(y)).to(x.device)  # CPU permutation as in the reference
         for i in range(len(labels)):  # C iterations of n mixed-class samples
             idx = perm[i * n : (i + 1) * n]

@@ -67,12 +67,18 @@ def select_number(cfg, key: str, problems: list[str], *, label: str | None = Non
     return value if typed else None
 
 
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like ``word`` (difflib ratio >= 0.6), for a "did you mean" hint."""
+    match = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def unknown_key_problem(path: str, known: Iterable[str]) -> str:
     """``path`` is read by nothing: say so, with the closest known name and the known ones."""
     where, _, name = path.rpartition(".")
     known = sorted(set(known))
-    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f" Did you mean {where + '.' if where else ''}{match[0]}?" if match else ""
+    match = closest(name, known)
+    hint = f" Did you mean {where + '.' if where else ''}{match}?" if match else ""
     return (f"{path}: unknown key, nothing reads it.{hint} {where or 'The top level'} takes: {', '.join(known)}. "
             "Fix the name, or drop the override (a +key=value override adds any key).")
 
@@ -138,7 +144,8 @@ def _primary() -> tuple[frozenset[str], frozenset[str]]:
     from clcli.cli import _config_dir
 
     raw = OmegaConf.to_container(OmegaConf.load(Path(_config_dir()) / "config.yaml"), resolve=False)
-    groups = {next(iter(e)) for e in raw.pop("defaults", []) if isinstance(e, dict)}
+    # groups that put a node of their name in the config (not `experiment: null`, a _global_ preset)
+    groups = {next(iter(e)).split()[-1] for e in raw.pop("defaults", []) if isinstance(e, dict) and next(iter(e.values()))}
     raw.pop("hydra", None)
     return frozenset(groups), frozenset(p for p, _ in _flat(raw))
 
@@ -230,7 +237,17 @@ def _optim_problems(cfg: DictConfig) -> list[str]:
     problems: list[str] = []
     o = cfg.optim
     select_number(cfg, "optim.lr.representation", problems, minimum=0)
-    epochs = select_number(cfg, "optim.epochs", problems, minimum=1, integer=True)
+    iterations = o.get("iterations")
+    if iterations is None:
+        epochs = select_number(cfg, "optim.epochs", problems, minimum=1, integer=True)
+    else:  # iteration-based tasks (clcli.engine.fit_iterations): epochs is not read
+        epochs = None
+        select_number(cfg, "optim.iterations", problems, minimum=1, integer=True)
+    if o.get("warmup") is not None:
+        select_number(cfg, "optim.warmup", problems, minimum=0, integer=True)
+    if o.get("label_smoothing") is not None and not number_problem("x", o.label_smoothing) and \
+            not 0 <= o.label_smoothing < 1:
+        problems.append(f"optim.label_smoothing: must be in [0, 1), got {o.label_smoothing}.")
     select_number(cfg, "optim.batch_size", problems, minimum=1, integer=True)
     if o.schedule not in SCHEDULES:
         problems.append(f"optim.schedule: unknown '{o.schedule}' (known: {', '.join(SCHEDULES)}).")
@@ -246,10 +263,11 @@ def _optim_problems(cfg: DictConfig) -> list[str]:
                 problems.append("optim.milestones: optim.schedule=multistep needs the epochs after which the lr "
                                 "drops (e.g. +optim.milestones=[18]).")
             elif isinstance(epochs, int):
-                bad = [m for m in o.milestones if not isinstance(m, int) or not 0 < m <= epochs]
+                # a milestone past the last epoch is legal (no drop in this run: optim.epochs=1 for a check)
+                bad = [m for m in o.milestones if not isinstance(m, int) or m < 1]
                 if bad:
-                    problems.append(f"optim.milestones {list(o.milestones)}: every milestone must be an epoch in "
-                                    f"1..{epochs} (optim.epochs); bad: {bad}.")
+                    problems.append(f"optim.milestones {list(o.milestones)}: every milestone must be a positive "
+                                    f"epoch number (the lr drops after it); bad: {bad}.")
     if "optimizer" not in o:
         problems.append("optim.optimizer: missing; choose one with optim/optimizer=sgd (or sgd_plain, adamw).")
     elif not _component_problems(OmegaConf.to_container(o.optimizer, resolve=False), "optim.optimizer"):
@@ -278,6 +296,8 @@ def check_config(cfg: DictConfig) -> list[str]:
         if not isinstance(cfg.perf[key], bool):
             problems.append(f"perf.{key}: expected true or false, got {cfg.perf[key]!r}.")
     select_number(cfg, "eval.batch_size", problems, minimum=1, integer=True)
+    for split in ("train", "eval"):
+        select_number(cfg, f"limit_batches.{split}", problems, minimum=1, integer=True, optional=True)
     select_number(cfg, "guard.max_loss_factor", problems, minimum=1)
     select_number(cfg, "guard.chance_loss_ratio", problems, minimum=0)
     if cfg.checkpoint.keep not in ("all", "last"):
@@ -291,6 +311,8 @@ def check_config(cfg: DictConfig) -> list[str]:
         backbone_cls = None
     problems += _owner_problems(cfg, "method", cfg.optim, backbone_cls)
     problems += _owner_problems(cfg, "backbone")
+    if "logger" in cfg:  # the trackers' packages and settings (clcli.loggers)
+        problems += _owner_problems(cfg, "logger")
     if any(p.startswith("data.") for p in problems):
         return problems  # the data config's unknown keys are listed; it cannot be built with them
     try:  # instantiating a data config is cheap: sources only stat their folders
@@ -298,4 +320,15 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.extend(data.problems())
     except Exception as exc:
         problems.append(f"data: cannot build '{cfg.data.get('name', '?')}': {exc}")
-    return problems
+        return problems
+    return problems + _scenario_problems(cfg, getattr(data, "kind", None))
+
+
+def _scenario_problems(cfg: DictConfig, kind) -> list[str]:
+    """A method that needs a kind of scenario (``scenario_problems(kind, data_name)``, e.g. DIKI needs
+    MTIL) checked against the kind the data config builds."""
+    try:
+        check = getattr(target_class(cfg.method.get("_target_")), "scenario_problems", None)
+    except Exception:  # noqa: BLE001 - key_problems reports a target that cannot be imported
+        return []
+    return list(check(kind, cfg.data.get("name", "?"))) if check is not None and kind is not None else []

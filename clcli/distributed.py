@@ -1,5 +1,5 @@
-"""Multi-process data-parallel runs under ``torchrun``: one process per device, results equal to one
-process with the same global batch.
+"""Multi-process data-parallel runs under ``torchrun``: one process per device, PyTorch's
+:class:`~torch.nn.parallel.DistributedDataParallel` (DDP) for training.
 
 Launch (single node, N GPUs; CPU processes use the gloo backend)::
 
@@ -8,36 +8,38 @@ Launch (single node, N GPUs; CPU processes use the gloo backend)::
 ``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; :func:`session` (entered by
 ``clcli.train.run``) then initializes the process group (nccl on CUDA, gloo on CPU) and computes on
 ``cuda:LOCAL_RANK``. Without those variables, or with ``WORLD_SIZE=1``, nothing here does anything
-and a run is the plain single-process run.
+and a run is the plain single-process run, draw for draw.
 
-How a multi-process run stays equal to a single-process one (methods need no changes):
+What a multi-process run does:
 
-- Training (:func:`clcli.engine.fit`): every epoch all ranks draw, from their (identical) global
-  RNG, the same two numbers a single-process ``DataLoader(shuffle=True)`` draws, so the epoch's
-  global order is the one ``RandomSampler`` would produce. Each global batch of ``optim.batch_size``
-  indices is cut into ``world_size`` contiguous pieces (:class:`ShardedBatchSampler`); every rank
-  back-propagates the mean loss of its piece, and :func:`average_gradients` sums the gradients
-  weighted by ``n_rank / n_global``: the gradient of the global batch's mean loss, also for a short
-  last batch (a rank whose piece is empty contributes nothing). The step's contract: ``step(x, y)``
-  returns a per-sample mean (plus terms that do not depend on the batch).
-- Randomness a rank draws while iterating its shard (augmentations, dropout) comes from a per-rank
-  stream forked for the epoch; afterwards every rank's global RNG is back in the shared state, so
-  later draws (classifier alignment's sampled features) are identical on every rank.
-- Statistics: each rank accumulates ``GaussianStats`` sums over its block of the data, then
-  ``GaussianStats.reduce()`` sums (n, Σx, Σxxᵀ) across ranks before ``finalize``.
+- Training (:func:`clcli.engine.fit`): the method's loss module (``forward(x, y)`` = the batch's
+  mean loss) runs through DDP (:func:`data_parallel`), which averages the gradients across ranks
+  while backward runs. ``optim.batch_size`` is the global batch: each rank loads
+  ``batch_size / world_size`` samples per step through a ``DistributedSampler`` (a new shuffle per
+  pass, :meth:`~torch.utils.data.DistributedSampler.set_epoch`; its seed is drawn from the global
+  RNG, so a resumed run draws it again). The sampler pads an epoch to a multiple of the number of
+  processes by repeating samples, so every rank takes the same number of equal-sized steps. The
+  divergence guard sees the loss averaged over ranks (:func:`mean_over_ranks`), so all ranks stop
+  together.
+- Randomness a rank draws while training (augmentations, dropout, loader workers) comes from its
+  own streams (:func:`rank_streams`); afterwards every rank's global RNG is back in the shared
+  state, so later draws (classifier alignment's sampled features) are identical on every rank.
+- Statistics: each rank accumulates ``GaussianStats`` sums over its block of the data
+  (:func:`shard`), then ``GaussianStats.reduce()`` sums (n, Σx, Σxxᵀ) across ranks before ``finalize``.
 - Evaluation: each rank predicts its block of a test set; correct/total counts are summed.
 - After every task :func:`check_in_sync` compares a signature of the method's state across ranks
-  (it must be identical: every rank applies the same averaged gradients) and stops on divergence.
+  (identical: DDP gives every rank the same averaged gradients) and stops on divergence.
 - Only rank 0 writes checkpoints, results and plots, prints the summary and shows progress bars;
   the other ranks log warnings only.
 
-Results differ from a single process only by float summation order (gradients summed across ranks
-instead of within one batch): equal predictions in practice, parameters equal to ~1e-6 and class
-statistics (features of the trained backbone) to ~1e-5 after a tiny run. This also needs
-per-sample computation that does not depend on the rest of the batch (BatchNorm in train mode
-does; the shipped timm backbones keep BN in eval mode, ``freeze_bn_stats``) and no per-sample
-randomness: with random augmentations or dropout every rank draws its own numbers, so such runs
-match a single process in distribution, not number for number.
+A multi-process run equals a single-process run with the same global batch *in distribution*, not
+number for number: the ranks see other shuffles than one process would, the padded last batches
+repeat a few samples, and the per-rank random streams draw other augmentations. Still exact (up to
+float summation order): class statistics and evaluation counts over a given model (block sums
+reduced across ranks), and a training step whose global batch is the same set of samples (e.g. one
+full-batch step: the average of the ranks' mean gradients is the mean gradient). Per-sample
+computation must not depend on the rest of the batch (BatchNorm in train mode would; the shipped
+timm backbones keep BN in eval mode, ``freeze_bn_stats``).
 
 Every rank works in rank 0's run dir. Hydra computes ``${now:...}`` run/sweep dirs in each process,
 so pass ``hydra.run.dir`` (``hydra.sweep.dir`` for ``-m``) explicitly: otherwise a process that
@@ -48,6 +50,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import random
@@ -57,13 +60,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import default_collate
 
 from clcli.errors import ConfigError
 
 log = logging.getLogger("clcli")
-
-BUCKET_NUMEL = 1 << 25  # gradients are all-reduced in flat buckets of at most this many elements
 
 
 # ---------------------------------------------------------------------------- who am I
@@ -191,46 +191,13 @@ def all_reduce_ints(*values: int) -> tuple[int, ...]:
     return tuple(int(v) for v in t.tolist())
 
 
-def average_gradients(optimizer: torch.optim.Optimizer, loss: torch.Tensor | None, n: int) -> tuple[float, int]:
-    """After ``backward`` of this rank's mean loss over its ``n`` samples: replace every gradient of
-    ``optimizer``'s parameters by the global batch's gradient Σ_r (n_r / N)·g_r, and return the
-    global mean loss and N. A parameter without a gradient on any rank keeps ``grad=None`` (as in a
-    single process); one missing on some ranks only counts as zeros there. Single process: returns
-    ``(loss, n)`` and touches nothing."""
-    value = float(loss.detach()) if loss is not None else 0.0
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean over ranks of a scalar (the step's loss, so that the divergence guard decides the
+    same on every rank); ``float(value)`` in a single process."""
     if not is_active():
-        return value, n
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    meta = torch.tensor([float(n), value * n] + [float(p.grad is not None) for p in params], dtype=torch.float64)
-    meta = all_reduce_sum(meta).cpu()
-    total = int(meta[0])
-    scale = n / total
-    live = [p for p, has in zip(params, meta[2:].tolist()) if has > 0]
-    for dtype in dict.fromkeys(p.dtype for p in live):
-        same = [p for p in live if p.dtype == dtype]
-        start = 0
-        while start < len(same):
-            bucket, numel = [], 0
-            while start < len(same) and (not bucket or numel + same[start].numel() <= BUCKET_NUMEL):
-                bucket.append(same[start])
-                numel += same[start].numel()
-                start += 1
-            _reduce_bucket(bucket, scale)
-    return float(meta[1]) / total, total
-
-
-def _reduce_bucket(params: list[torch.nn.Parameter], scale: float) -> None:
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat.mul_(scale)
-    flat = all_reduce_sum(flat)
-    offset = 0
-    for p in params:
-        g = flat[offset : offset + p.numel()].view_as(p).to(p.device)
-        offset += p.numel()
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
+        return float(value.detach())
+    t = all_reduce_sum(value.detach().to(torch.float64).reshape(1))
+    return float(t) / world_size()
 
 
 def check_in_sync(state, where: str) -> None:
@@ -262,67 +229,78 @@ def _signature(obj, h) -> None:
         h.update(repr(obj).encode())
 
 
-# ---------------------------------------------------------------------------- data
-def collate_or_none(batch: list):
-    """``default_collate``, or None for this rank's empty piece of a short last batch."""
-    return default_collate(batch) if batch else None
+# ---------------------------------------------------------------------------- training
+def data_parallel(module):
+    """``module`` wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` in a multi-process
+    run; the module itself in a single process, for a DDP module, or when nothing in it requires a
+    gradient. Wrap a module once for many passes (DDP broadcasts rank 0's parameters and buffers
+    when it is built).
+
+    DDP averages the gradients of the parameters with ``requires_grad`` while backward runs and
+    ignores the others (DIKI's frozen CLIP). ``find_unused_parameters=False``: clcli's loss modules
+    use every trainable parameter in every step (tests/test_distributed.py checks them), so DDP
+    need not search the graph after each forward. Buffers are not re-broadcast before every forward:
+    training changes none (the timm backbones keep BatchNorm statistics frozen, ``freeze_bn_stats``).
+    BatchNorm in train mode (``backbone.freeze_bn_stats=false``) would make the ranks' statistics
+    drift apart whether or not DDP re-broadcasts them (the last step's update is per rank), and
+    :func:`check_in_sync`, which compares buffers too, stops the run after the task."""
+    if not is_active() or isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return module
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"a multi-process run trains through DistributedDataParallel, which needs an nn.Module "
+                        f"whose forward(x, y) returns the batch's mean loss; got {type(module).__name__}.")
+    if not any(p.requires_grad for p in module.parameters()):
+        return module
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch >= 2.13 renames broadcast_buffers (which also skipped buffers at init) to forward_sync_buffers
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    device = comm_device()
+    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False,
+               **no_buffer_sync)
 
 
-def draw_seed() -> int:
-    """One int64 from the global torch RNG, drawn exactly as ``DataLoader`` and ``RandomSampler``
-    draw theirs."""
-    return int(torch.empty((), dtype=torch.int64).random_().item())
+def shared_seed() -> int:
+    """One int64 drawn from the global torch RNG, which is in the same state on every rank (the
+    same seeds, and :func:`rank_streams` restores it after training); stops if it is not."""
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    if is_active() and len(seeds := set(all_gather_object(seed))) > 1:
+        raise RuntimeError(f"distributed: the processes' global random generators differ (drew {sorted(seeds)}); "
+                           "a step drew random numbers outside clcli.distributed.rank_streams.")
+    return seed
 
 
-class ShardedBatchSampler:
-    """This rank's pieces of the global batches of one shuffled order.
-
-    The epoch's order is ``randperm(n)`` from a generator seeded with :meth:`set_epoch`'s seed (what
-    ``RandomSampler`` does with the seed it draws); global batch b is ``order[b·B:(b+1)·B]`` and rank
-    r gets the r-th of ``world_size`` contiguous, nearly equal pieces of it (possibly empty in a
-    short last batch). Every rank iterates ``ceil(n / B)`` batches, so per-step collectives line up.
-    """
-
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the number of processes {world_size}")
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed: int | None = None
-
-    def set_epoch(self, seed: int) -> None:
-        """The seed of this epoch's global order (drawn and shared by :func:`epoch`)."""
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.seed is None:
-            raise RuntimeError("ShardedBatchSampler: call set_epoch() before iterating (engine.fit does it).")
-        g = torch.Generator()
-        g.manual_seed(self.seed)
-        order = torch.randperm(self.n, generator=g).tolist()
-        for start in range(0, self.n, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            yield batch[slice(*piece(len(batch), self.rank, self.world_size))]
+@contextlib.contextmanager
+def rank_streams():
+    """Run the block (a training loop) with this rank's own random streams (torch, this rank's
+    GPU, numpy, python), seeded from one draw of the shared global RNG and the rank: the ranks draw
+    different augmentations, dropout masks and loader-worker seeds. Afterwards the global streams
+    are back where they were plus that one draw, the same on every rank. A single process draws
+    nothing and changes nothing."""
+    if not is_active():
+        yield
+        return
+    own = (shared_seed() + 1_000_003 * (rank() + 1)) % 2**63
+    py_state, np_state = random.getstate(), np.random.get_state()
+    comm = comm_device()
+    try:
+        with torch.random.fork_rng(devices=[comm.index] if comm.type == "cuda" else []):
+            random.seed(own)
+            np.random.seed(own % 2**32)
+            torch.manual_seed(own)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
+# ---------------------------------------------------------------------------- unshuffled blocks
 def piece(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """``[start, stop)`` of rank's contiguous piece when ``n`` items are split into ``world_size``
     pieces whose sizes differ by at most one (the first ``n % world_size`` pieces are larger)."""
     k, m = divmod(n, world_size)
     start = rank * k + min(rank, m)
     return start, start + k + (rank < m)
-
-
-def train_loader(dataset, batch_size: int, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The training loader of a multi-process run: ``batch_size`` is the global batch; iterate it
-    inside :func:`epoch` (``engine.fit`` does). Yields ``None`` for an empty piece."""
-    sampler = ShardedBatchSampler(len(dataset), batch_size, rank(), world_size())
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=False, generator=torch.Generator(), collate_fn=collate_or_none,
-    )
 
 
 def shard(dataset):
@@ -332,33 +310,3 @@ def shard(dataset):
         return dataset
     start, stop = piece(len(dataset), rank(), world_size())
     return torch.utils.data.Subset(dataset, range(start, stop))
-
-
-@contextlib.contextmanager
-def epoch(loader):
-    """Wrap one pass over a loader. For a :func:`train_loader`: draw from the global RNG the two
-    numbers a single-process ``DataLoader(shuffle=True)`` draws per epoch (its workers' base seed,
-    then ``RandomSampler``'s seed), take rank 0's, fix the epoch's global order, and run the pass with
-    per-rank random streams (augmentations, dropout, worker seeds); afterwards the global RNG is
-    back in the shared state on every rank. Any other loader: nothing happens."""
-    sampler = getattr(loader, "batch_sampler", None)
-    if not isinstance(sampler, ShardedBatchSampler):
-        yield
-        return
-    base, seed = draw_seed(), draw_seed()
-    base, seed = broadcast_object((base, seed))
-    sampler.set_epoch(seed)
-    own = (base + 1_000_003 * (rank() + 1)) % (2**63)
-    loader.generator.manual_seed(own)
-    py_state, np_state = random.getstate(), np.random.get_state()
-    comm = comm_device()
-    devices = [comm.index] if comm.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            random.seed(own)
-            np.random.seed(own % 2**32)
-            torch.manual_seed(own)
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)

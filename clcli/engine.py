@@ -6,20 +6,24 @@ and loader settings are the same everywhere.
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from clcli import console as console_lib
 from clcli import distributed
 from clcli.errors import DivergenceError
+from clcli.loggers import Loggers, epoch_metrics
 from clcli.methods.base import EvalBatch
 
 log = logging.getLogger("clcli")
@@ -73,10 +77,14 @@ class Runtime:
     amp_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
     max_loss_factor: float = 10.0  # loss above factor·max(first loss, ln C) counts as divergence
     chance_loss_ratio: float = 0.9  # final epoch loss above ratio·ln C: the task did not learn
-    console: Console = field(default_factory=lambda: Console(stderr=True))
-    progress: Progress | None = None
+    console: Console = field(default_factory=console_lib.get_console)  # log lines, bars, summary (clcli.console)
+    progress: console_lib.Bars | None = None  # live bars (Runtime.live)
+    limit_train_batches: int | None = None  # debugging (limit_batches.train): batches per training epoch
+    limit_eval_batches: int | None = None  # debugging (limit_batches.eval): batches per test set
     task_index: int | None = None  # the task being run (set by the loop; stamps warnings)
     warnings: list[dict] = field(default_factory=list)  # training outcomes worth recording (collapse)
+    loggers: Loggers = field(default_factory=Loggers)  # experiment trackers (clcli.loggers); none by default
+    history: list[dict] = field(default_factory=list)  # one record per epoch of fit (results.json ``history``)
 
     def warn(self, record: dict) -> None:
         """Record a training outcome that does not stop the run (results.json ``warnings``) and log it."""
@@ -87,23 +95,32 @@ class Runtime:
     def loader(self, dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
                shard: bool = False):
         """A DataLoader. In a multi-process run (``clcli.distributed``) a shuffled loader is a
-        training loader (``batch_size`` is the global batch; this rank gets its piece of every
-        global batch; iterate it through :func:`fit`), and ``shard=True`` gives this rank a block of
-        an unshuffled dataset (statistics, evaluation; the caller sums across ranks)."""
+        training loader: ``batch_size`` is the global batch, this rank loads ``batch_size /
+        world_size`` samples per step through a ``DistributedSampler`` whose seed is drawn from the
+        global RNG (iterate it through :func:`fit`, which advances its epoch); ``shard=True`` gives
+        this rank a block of an unshuffled dataset (statistics, evaluation; the caller sums across
+        ranks)."""
         pin = self.device.type == "cuda"
+        sampler = None
         if distributed.is_active() and shuffle:
             if generator is not None:
                 raise ValueError("Runtime.loader: a custom generator is not supported in multi-process runs")
-            return distributed.train_loader(dataset, batch_size, self.num_workers, pin)
+            world = distributed.world_size()
+            if batch_size % world:
+                raise ValueError(f"Runtime.loader: the global batch {batch_size} is not divisible by the "
+                                 f"{world} processes")
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=distributed.shared_seed())
+            batch_size, shuffle = batch_size // world, False
         if shard:
             dataset = distributed.shard(dataset)
-        if not shuffle and generator is None:
+        if not shuffle and generator is None and sampler is None:
             # A DataLoader draws its workers' base seed from the global RNG even when it does not
             # shuffle. Evaluation and statistics passes get a private generator instead, so that
             # skipping one (a feature-cache hit) or adding one never changes the training that follows.
             generator = torch.Generator()
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=self.num_workers,
             pin_memory=pin, persistent_workers=self.num_workers > 0, generator=generator, drop_last=False,
         )
 
@@ -117,33 +134,59 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def limited(self, loader, limit: int | None) -> tuple[Iterable, int | None]:
+        """The first ``limit`` batches of ``loader`` (all when None) and how many that is
+        (``limit_batches``: quick end-to-end checks, ``+debug=fast``)."""
+        n = len(loader) if hasattr(loader, "__len__") else None
+        if limit is None:
+            return loader, n
+        return itertools.islice(loader, limit), limit if n is None else min(n, limit)
+
     def track(self, iterable: Iterable, description: str, total: int | None = None):
-        """Iterate with a transient rich progress bar (a no-op wrapper when no progress is live)."""
+        """Iterate with a progress bar that disappears when done (a plain iteration when no bars
+        are live: not a terminal, not rank 0)."""
         if self.progress is None:
             yield from iterable
             return
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
-        task = self.progress.add_task(description, total=total)
+        task = self.progress.add(description, total)
         try:
             for item in iterable:
                 yield item
                 self.progress.advance(task)
         finally:
-            self.progress.remove_task(task)
+            self.progress.remove(task)
+
+    def show(self, loss: float, lrs: list[float], images_per_s: float) -> None:
+        """Loss, learning rates and images/s after the innermost bar (no-op without bars)."""
+        if self.progress is not None:
+            self.progress.info(console_lib.epoch_text(loss, lrs, images_per_s))
+
+    def epoch_done(self, where: str, epoch: int, epochs: int, loss: float, lrs: list[float], images_per_s: float) -> None:
+        """A finished epoch of :func:`fit` (``epoch`` 1-based): a ``history`` record (``epoch`` counts
+        within the task, across ``fit`` calls), one log line, the epochs bar, the loggers."""
+        n = sum(h["task"] == self.task_index for h in self.history) + 1
+        record = {"task": self.task_index, "epoch": n, "loss": loss, "lrs": list(lrs), "images_per_s": images_per_s,
+                  "where": where}
+        self.history.append(record)
+        text = console_lib.epoch_text(loss, lrs, images_per_s)
+        log.info("%s epoch %d/%d: %s", where, epoch, epochs, text)
+        self.show(loss, lrs, images_per_s)
+        self.loggers.log_metrics(epoch_metrics(record), step=len(self.history))
 
     @contextlib.contextmanager
     def live(self):
-        """Show progress bars for the duration of the block (rank 0 only in multi-process runs)."""
-        if not distributed.is_main():
+        """Show progress bars for the duration of the block: on a terminal, rank 0 only. Log lines
+        (clcli.console) print above them."""
+        bars = console_lib.bars(self.console) if distributed.is_main() else None
+        if bars is None:
             yield None
             return
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            self.progress = progress
+        with bars:
+            self.progress = bars
             try:
-                yield progress
+                yield bars
             finally:
                 self.progress = None
 
@@ -193,56 +236,114 @@ class LossGuard:
         }
 
 
-def fit(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
+def fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
-        train_mode: Callable[[], None] | None = None, require_learning: bool = False) -> list[float]:
-    """Run ``epochs`` of ``loss = step(x, y)``, backward, optimizer step; schedule per epoch or per
-    step (``scheduler.per_step``). Returns the mean loss of every epoch. A non-finite or exploding
+        train_mode: Callable[[], None] | None = None, require_learning: bool = False,
+        after_step: Callable[[int], None] | None = None) -> list[float]:
+    """Run ``epochs`` of ``loss = model(x, y)``, backward, optimizer step; schedule per epoch or per
+    step (``scheduler.per_step``); ``after_step(s)`` after the ``s``-th step's update (0-based, counted
+    over the whole call). Returns the mean loss of every epoch. A non-finite or exploding
     loss raises :class:`DivergenceError`. ``require_learning``: a final epoch loss still at chance
     level is recorded as a collapse warning (``rt.warn``; the run goes on).
 
-    ``step`` returns the mean over its batch (plus batch-independent terms): a multi-process run
-    averages the ranks' gradients weighted by their sample counts, which is then the gradient of the
-    global batch's mean loss (``clcli.distributed``); the guard sees that global loss on every rank.
+    ``model`` is a loss module: an ``nn.Module`` holding the trainable parts whose ``forward(x, y)``
+    returns the batch's mean loss (plus batch-independent terms). A single process calls it as it is
+    (any such callable will do); a multi-process run calls it through
+    :class:`~torch.nn.parallel.DistributedDataParallel` (:func:`clcli.distributed.data_parallel`;
+    pass a DDP module to reuse one across calls), which averages the ranks' gradients, on a loader
+    from :meth:`Runtime.loader` whose ``DistributedSampler`` gets a new shuffle every pass, with the
+    ranks' own random streams (:func:`clcli.distributed.rank_streams`). The guard sees the loss
+    averaged over ranks, so every rank stops at the same step.
 
     ``precision=fp16`` autocast scales the loss (:class:`torch.amp.GradScaler`), so that small fp16
     gradients do not flush to zero, and skips a step whose gradients overflowed; parameters that are
     themselves fp16 (DIKI's reference residuals) train as the reference does, unscaled."""
+    net = distributed.data_parallel(model)  # the module itself in a single process
+    sampler = getattr(loader, "sampler", None)
+    world = distributed.world_size()
     guard = LossGuard(where, num_classes, rt.max_loss_factor, rt.chance_loss_ratio)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16 and all(
         p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"]))
-    history = []
-    for epoch in rt.track(range(epochs), f"{where} epochs"):
-        if train_mode is not None:
-            train_mode()
-        total, count = 0.0, 0
-        with distributed.epoch(loader):  # multi-process: this rank's piece of every global batch
-            for i, batch in enumerate(rt.track(loader, f"epoch {epoch + 1}/{epochs}")):
+    history, steps_done = [], 0
+    with distributed.rank_streams():  # multi-process: per-rank draws; the global RNG stays shared
+        for epoch in rt.track(range(epochs), f"{where} epochs"):
+            if train_mode is not None:
+                train_mode()
+            total, count = 0.0, 0
+            lrs, tick = [g["lr"] for g in optimizer.param_groups], time.perf_counter()  # reported with the epoch
+            batches, n_batches = rt.limited(loader, rt.limit_train_batches)
+            for i, (x, y) in enumerate(rt.track(batches, f"epoch {epoch + 1}/{epochs}", total=n_batches)):
                 optimizer.zero_grad(set_to_none=True)
-                loss, n = None, 0
-                if batch is not None:  # None: this rank's piece of a short last batch is empty
-                    x, y = batch
-                    x, y = rt.images(x), y.to(rt.device, non_blocking=True)
-                    with rt.autocast():
-                        loss = step(x, y)
-                    scaler.scale(loss).backward()
-                    n = len(y)
-                # multi-process: gradients of the global batch's mean loss; its value and size
-                value, n = distributed.average_gradients(optimizer, loss, n)
+                x, y = rt.images(x), y.to(rt.device, non_blocking=True)
+                with rt.autocast():
+                    loss = net(x, y)
+                scaler.scale(loss).backward()  # multi-process: DDP averages the gradients meanwhile
+                value, n = distributed.mean_over_ranks(loss), len(y) * world  # equal batches on every rank
                 guard.check(value, epoch, i)
                 scaler.step(optimizer)  # without fp16: optimizer.step()
                 scaler.update()
                 if scheduler is not None and getattr(scheduler, "per_step", False):
                     scheduler.step()
+                if after_step is not None:
+                    after_step(steps_done)
+                steps_done += 1
                 total, count = total + value * n, count + n
-        if scheduler is not None and not getattr(scheduler, "per_step", False):
-            scheduler.step()
-        history.append(total / max(count, 1))
-        log.info("%s epoch %d/%d: loss %.4f", where, epoch + 1, epochs, history[-1])
+                rt.show(total / max(count, 1), lrs, count / (time.perf_counter() - tick))
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(sampler.epoch + 1)  # the next pass (here or in a later call) reshuffles
+            if scheduler is not None and not getattr(scheduler, "per_step", False):
+                scheduler.step()
+            history.append(total / max(count, 1))
+            rt.epoch_done(where, epoch + 1, epochs, history[-1], lrs, count / (time.perf_counter() - tick))
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; no stale grads leak into the next task
+    if net is not model:  # a DDP built here sits in a reference cycle: free its gradient buckets now
+        del net
+        gc.collect()
     if require_learning and history and (collapse := guard.collapse(history[-1], len(history))) is not None:
         rt.warn(collapse)
     return history
+
+
+class CyclingLoader:
+    """Exactly ``steps`` batches from ``loader``, iterating it again (a new shuffle) whenever it runs
+    out: an iteration budget through :func:`clcli.engine.fit` (one "epoch" of ``steps`` batches).
+    In a multi-process run every pass advances the loader's ``DistributedSampler`` epoch, so each pass
+    reshuffles as a single-process ``shuffle=True`` loader does."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, int(steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        done = 0
+        while done < self.steps:
+            for batch in self.loader:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+            sampler = getattr(self.loader, "sampler", None)
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(sampler.epoch + 1)
+
+
+
+def fit_iterations(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, iterations: int,
+                   optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
+                   after_step: Callable[[int], None] | None = None, require_learning: bool = False) -> list[float]:
+    """Iteration-based training (``optim.iterations``, docs/diki_mtil_protocol.md#iteration-based-tasks):
+    optimizer steps ``s = 0..iterations`` (inclusive, as ZSCL's loop: ``iterations + 1`` steps) as one
+    :func:`fit` epoch over the loader cycled (:class:`CyclingLoader`: a new, re-shuffled pass whenever
+    the previous one is used up). The schedule is stepped after every optimizer step; ``after_step(s)``
+    runs after step ``s``'s update (ZSCL's weight average). Returns ``[mean loss over all steps]``."""
+    if len(loader) == 0:
+        raise ValueError(f"{where}: the training loader is empty")
+    if scheduler is not None:
+        scheduler.per_step = True
+    return fit(model, CyclingLoader(loader, iterations + 1), epochs=1, optimizer=optimizer, scheduler=scheduler,
+               rt=rt, where=where, num_classes=num_classes, after_step=after_step, require_learning=require_learning)
 
 
 @torch.inference_mode()
@@ -269,7 +370,8 @@ def evaluate(method, scenario, after: int, matrix, rt: Runtime) -> None:
         candidates = scenario.candidates(after, task)
         loader = rt.loader(task.test, rt.eval_batch_size, shuffle=False, shard=True)
         correct = total = 0
-        for j, (x, y) in enumerate(rt.track(loader, f"eval {task.name}")):
+        batches, n_batches = rt.limited(loader, rt.limit_eval_batches)
+        for j, (x, y) in enumerate(rt.track(batches, f"eval {task.name}", total=n_batches)):
             with rt.autocast():
                 logits = method.predict(EvalBatch(rt.images(x), task, candidates, batch_index=j, after=after))
             pred = logits.argmax(1).cpu() + candidates.start

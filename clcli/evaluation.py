@@ -118,12 +118,14 @@ class ScenarioKind:
     per_dataset: bool              # per-task metric lists (metrics.per_dataset): tables and curves per task
     curve_label: str               # y label of the accuracy-after-each-task curve of a group of runs
     rank: int                      # order of the kinds in tables and figures
+    optional: tuple[str, ...] = ()  # metrics some methods add (tables show them where present)
 
 
 CLASS_INCREMENTAL = ScenarioKind(
     name="class_incremental", title="Class-incremental", headline=("last_acc", "inc_acc", "forgetting"),
     metrics=cil_metrics, evaluates_future_tasks=False, task_label_space=False, per_dataset=False,
-    curve_label="accuracy on seen classes (%)", rank=0)
+    curve_label="accuracy on seen classes (%)", rank=0,
+    optional=("probe_last", "probe_inc"))  # the representation probe (clcli/probe.py)
 DOMAIN_CLASS_INCREMENTAL = ScenarioKind(
     name="domain_class_incremental", title="MTIL", headline=("transfer", "avg", "last"),
     metrics=lambda m: mtil_metrics(m.percent()), evaluates_future_tasks=True, task_label_space=True,

@@ -1,8 +1,13 @@
-"""Run-dir files: atomic writes, per-task checkpoints, results.json, csv/markdown, plots.
+"""The run store: atomic writes, the config fingerprint, per-task checkpoints and their statistics
+files, results.json's reading and guarding, the software environment. Rendering a run's results
+(results.json, csv, markdown, plots) is :mod:`clcli.report`; its public names stay importable from
+here.
 
 Every file is written to a temporary sibling and renamed (``os.replace`` is atomic on POSIX), so a
-process killed at any moment leaves either the previous complete file or the new complete one. In a
-multi-process run (``clcli.distributed``) only rank 0 writes; the other ranks only read.
+process killed at any moment leaves either the previous complete file or the new complete one. The
+temporary file is created with mode 0666 minus the umask, as ``open()`` would (``tempfile.mkstemp``
+would leave 0600). In a multi-process run (``clcli.distributed``) only rank 0 writes; the other
+ranks only read.
 """
 from __future__ import annotations
 
@@ -11,18 +16,16 @@ import io
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from clcli import distributed
 from clcli import stats as stats_lib
 from clcli.errors import CheckpointError
-from clcli.evaluation import scenario_kind
 
 # v2: statistics of finished keys (SLCA classes, DIKI tasks) live in checkpoints/task_XX.stats.pt, written
 # once by the task that finalized them; task_XX.pt holds the rest of the state and a stub naming the keys.
@@ -31,9 +34,25 @@ CHECKPOINT_FORMAT = "clcli-checkpoint-v2"
 READABLE_FORMATS = ("clcli-checkpoint-v1", CHECKPOINT_FORMAT)
 
 
+def _create_temporary(directory: Path, name: str) -> tuple[int, str]:
+    """Open a new hidden sibling ``.<name>.<random>.tmp`` for writing (``O_EXCL``: never an existing
+    file) with mode 0666, which the kernel reduces by the umask (and a default ACL), as for any
+    file the user creates."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for '{name}' in '{directory}'")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename (see the module doc)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -59,15 +78,16 @@ def atomic_torch_save(obj, path: Path) -> None:
 # Bumped when the code draws random numbers differently for the same config, so that a run dir
 # started by an older version is refused on resume instead of continuing with another stream.
 # 2: unshuffled loaders (evaluation, statistics, feature passes) no longer draw from the global RNG.
-RNG_PROTOCOL = 2
+# 3: classifier-alignment noise on the CPU: one stream per class, seeded by one draw per epoch (clcli.noise).
+RNG_PROTOCOL = 3
 
 
 def config_fingerprint(resolved: dict) -> str:
-    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches,
+    """Hash of the parts of a config that change results (not device, workers, resume, paths, caches, loggers,
     nor the experiment's ``paper`` metadata: editing a note must not orphan its run dirs), and of
     :data:`RNG_PROTOCOL`. ``eval`` stays in: DIKI's batch-wise task vote depends on the
     evaluation batch size."""
-    ignore = {"resume", "redo_diverged", "device", "loader", "checkpoint", "paths", "paper"}
+    ignore = {"resume", "redo_diverged", "device", "loader", "checkpoint", "paths", "paper", "logger"}
     relevant = {k: v for k, v in resolved.items() if k not in ignore}
     relevant["__rng_protocol__"] = RNG_PROTOCOL
     if isinstance(relevant.get("method"), dict):  # where features are cached never changes them
@@ -277,116 +297,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _fmt(v) -> str:
-    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
+# Rendering moved to clcli.report; these names stay importable from clcli.results (callers, merges).
+_REPORT_NAMES = ("write_outputs", "headline", "outcome_lines", "summary_markdown", "write_plots")
 
 
-def write_outputs(run_dir: Path, results: dict) -> None:
-    """results.json, accuracy_matrix.csv, summary.md and the plots (rank 0 only)."""
-    if not distributed.is_main():
-        return
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=float))
-    mat = results["accuracy_matrix"]
-    names = [t["name"] for t in results["tasks"]]
-    lines = ["after_task," + ",".join(names)]
-    for i, row in enumerate(mat):
-        lines.append(f"{names[i]}," + ",".join(_fmt(v) for v in row))
-    atomic_write_text(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
-    atomic_write_text(run_dir / "summary.md", summary_markdown(results))
-    write_plots(run_dir, results)
+def __getattr__(name: str):
+    """``from clcli.results import write_outputs`` (and the other rendering names) still works:
+    resolved lazily from :mod:`clcli.report`, which imports this module (no import cycle)."""
+    if name in _REPORT_NAMES:
+        from clcli import report
 
-
-def headline(results: dict, partial: bool = False) -> dict[str, float | None]:
-    """The headline metrics of a results dict; ``partial``: of the finished tasks of a run that
-    stopped early (``partial_metrics``) when it has no complete ones."""
-    m = results["metrics"]
-    if partial and results.get("status", "complete") != "complete":
-        m = results.get("partial_metrics") or {}
-    return {k: m.get(k) for k in scenario_kind(results["scenario"]["kind"]).headline}
-
-
-def outcome_lines(results: dict) -> list[str]:
-    """Plain sentences about how the run ended: its failure (status != complete) and its warnings."""
-    lines = []
-    status = results.get("status", "complete")
-    if status != "complete":
-        f = results.get("failure") or {}
-        done = results.get("finished_tasks", 0)
-        lines.append(f"status: {status} in task {f.get('task')} ({f.get('stage')}); {done} of "
-                     f"{len(results['tasks'])} tasks finished. {f.get('message', '')}".rstrip())
-    for w in results.get("warnings") or []:
-        lines.append(f"warning ({w.get('kind')}, task {w.get('task')}, epoch {w.get('epoch')}, "
-                     f"loss {w.get('loss', float('nan')):.4g}): {w.get('message', '')}")
-    return lines
-
-
-def summary_markdown(results: dict) -> str:
-    run = results["run"]
-    out = [f"# {run.get('method')} on {run.get('data')} ({run.get('backbone')}), seed {results['seed']}", ""]
-    status = results.get("status", "complete")
-    out += [f"Status: **{status}**", ""]
-    out.append("| metric | value |\n|---|---|")
-    out += [f"| {k} | {_fmt(v)} |" for k, v in headline(results).items()]
-    if status != "complete" and results.get("partial_metrics"):
-        out += [f"| {k} (first {results.get('finished_tasks')} tasks) | {_fmt(v)} |"
-                for k, v in headline(results, partial=True).items()]
-    names = [t["name"] for t in results["tasks"]]
-    out += ["", "Accuracy matrix (%; row = after task, column = task):", "",
-            "| after \\ task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for i, row in enumerate(results["accuracy_matrix"]):
-        out.append(f"| {names[i]} | " + " | ".join(_fmt(v) for v in row) + " |")
-    outcome = outcome_lines(results)
-    if outcome:
-        out += ["", "## Outcome", "", *[f"- {line}" for line in outcome]]
-    out += ["", f"Total time: {results['timings']['total_s']:.1f} s", ""]
-    return "\n".join(out)
-
-
-def write_plots(run_dir: Path, results: dict) -> None:
-    """accuracy_curve.png (seen-class accuracy per task, or per dataset for MTIL) and
-    accuracy_matrix.png (heatmap)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mat = np.array([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]], dtype=float)
-    names = [t["name"] for t in results["tasks"]]
-    T = len(names)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if scenario_kind(results["scenario"]["kind"]).per_dataset:
-        for j in range(T):
-            ax.plot(range(1, T + 1), mat[:, j], marker="o", label=names[j])
-        ax.legend(fontsize=7, ncol=2)
-        ax.set_ylabel("top-1 accuracy (%)")
-    else:
-        seen = results["metrics"].get("seen_acc") or (results.get("partial_metrics") or {}).get("seen_acc") or []
-        ax.plot(range(1, len(seen) + 1), seen, marker="o")
-        ax.set_ylabel("accuracy on seen classes (%)")
-    ax.set_xlabel("after task")
-    status = results.get("status", "complete")
-    ax.set_title(f"{results['run'].get('method')} / {results['run'].get('data')}"
-                 + ("" if status == "complete" else f" ({status})"))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(run_dir / "accuracy_curve.png", buf.getvalue())
-
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * T, 0.8 + 0.5 * T))
-    im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
-    for i in range(T):
-        for j in range(T):
-            if not np.isnan(mat[i, j]):
-                ax.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center", fontsize=7, color="w" if mat[i, j] < 60 else "k")
-    ax.set_xticks(range(T), names, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(T), names, fontsize=7)
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("after task")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(run_dir / "accuracy_matrix.png", buf.getvalue())
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,11 @@ The keys finalized together (a task's classes) are stored as one block: their co
 are rows of two [K, D, D] tensors (``cov[k]`` and the factor of k are views into them), factored by one
 batched Cholesky call per chunk of keys. Sampling (x = μ̃ + ε·Lᵀ, the same distribution as
 ``MultivariateNormal(μ̃, Σ).sample``) runs in float32 like the reference, a run of consecutive keys of
-one block at a time: one ``randn`` and one batched matmul on views of the block, written into the
+one block at a time: the noise, then one batched matmul on views of the block, written into the
 preallocated output. The extra memory is one noise buffer of at most ``SAMPLE_CHUNK`` keys; nothing is
-stacked or copied. The noise of run after run is the same stream as one ``randn(K, n, D)`` (CPU, n·D a
-multiple of 16).
+stacked or copied. On the CPU the noise is one independent stream per sampled key, seeded by one draw
+from the RNG per call and filled by several threads (``clcli.noise``: ``randn`` alone runs on one
+thread); on an accelerator it is one ``randn`` per run.
 Log-densities for DIKI are one triangular solve per key, batched (DIKI spec §7 item 3).
 
 Persistence: a state holds the blocks (no stacked copy); ``state_dict(keys=...)`` / ``select_state``
@@ -37,7 +38,7 @@ import math
 
 import torch
 
-from clcli import distributed
+from clcli import distributed, noise
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,10 @@ class GaussianStats:
         """``n`` samples per key from N(μ_k·scale_k, Σ_k): features ``[K·n, D]`` grouped by key and
         the keys ``[K·n]``. Memory: the output plus a noise buffer of at most ``SAMPLE_CHUNK`` keys (and
         on a GPU that many factors at a time). ``out``: the previous call's features, overwritten
-        (an epoch loop then reuses one buffer instead of mapping fresh memory every epoch)."""
+        (an epoch loop then reuses one buffer instead of mapping fresh memory every epoch).
+        Noise on the CPU: one draw from ``generator`` (global RNG if None) seeds the call, the i-th
+        key's noise is stream i of that seed (``clcli.noise``: several threads, the same draws for
+        any thread count); on other devices one ``randn`` per run from ``generator``."""
         device = torch.device(device)
         d = self.dim
         mu = torch.stack([self.mean[k] for k in keys]) if keys else torch.zeros(0, d, dtype=torch.float64)
@@ -199,9 +203,13 @@ class GaussianStats:
         reuse = out is not None and out.shape == shape and out.dtype == dtype and out.device == device and out.is_contiguous()
         x = (out if reuse else torch.empty(shape, device=device, dtype=dtype)).view(len(keys), n, d)
         eps = torch.empty(min(len(keys), SAMPLE_CHUNK), n, d, device=device, dtype=dtype)
+        seed = noise.draw_seed(generator) if device.type == "cpu" else None
         for start, b, r, m in self._runs(keys):
             e = eps[:m]
-            torch.randn(e.shape, generator=generator, out=e)
+            if seed is None:  # on an accelerator randn is parallel already: one call per run
+                torch.randn(e.shape, generator=generator, out=e)
+            else:  # CPU: one stream per key, filled by several threads (clcli.noise)
+                noise.fill_normal(e, seed, first=start)
             L = self._blocks[b]["chol"][r : r + m].to(device=device, dtype=dtype)
             xs = x[start : start + m]
             torch.bmm(e, L.transpose(1, 2), out=xs)  # ε·Lᵀ, then + μ̃ (the reference's order: loc + L·ε)

@@ -5,7 +5,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clcli.results import headline, outcome_lines
+from clcli.report import headline, outcome_lines
 
 
 def print_summary(results: dict, console: Console) -> None:

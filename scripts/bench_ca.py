@@ -7,8 +7,10 @@ configuration's alone.
 Default: 200 classes x 768 dims x 256 samples x 5 epochs, baseline vs clcli. clcli's factors exist from
 the moment a class is finalized (once per class per run), so its alignment time is the sampling; the
 factorisation is printed next to it, and a second ratio charges it to this one alignment as well. Before
-timing, clcli's samples are checked against the reference's for the same seed (relative 1e-3: the
-reference factors in float32, clcli in float64).
+timing, clcli's samples are checked against the reference's ``MultivariateNormal`` given the same noise
+(``rsample``'s loc + scale_tril·ε, the noise rebuilt from ``clcli.noise``'s streams; relative 1e-3: the
+reference factors in float32, clcli in float64). CPU noise is filled by ``torch.get_num_threads()``
+threads (printed).
 The last line is ``ratio: <baseline / clcli>`` (alignment time of one task).
 
 ``--scaling``: for C in ``--scaling-classes`` (100, 200, 400, 800, 1000) at ``--dim``: clcli's peak RSS,
@@ -34,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # clcli from this checkout
 
+from clcli import noise  # noqa: E402
 from clcli.stats import GaussianStats  # noqa: E402
 
 
@@ -101,18 +104,18 @@ def child_clcli(C, D, n, E, dev) -> dict:
             del means, covs
     labels = list(range(C))
     scale = torch.linspace(0.9, 1.0, C, dtype=torch.float64)
-    # same draws -> the reference's samples, up to float32 rounding (checked before timing)
+    # same noise -> the reference's samples, up to float32 rounding (checked before timing): the CPU noise of
+    # a call is stream i of one seeded draw for key i (clcli.noise), fed to MultivariateNormal's rsample formula
     k = min(C, 2)
-    torch.manual_seed(1)
-    ref = torch.cat([torch.distributions.MultivariateNormal((stats.mean[c] * scale[c]).float(), stats.cov[c]).sample((n,))
-                     for c in range(k)])
-    torch.manual_seed(1)
-    ours, _ = stats.sample(labels[:k], n, mean_scale=scale[:k])
+    ours, _ = stats.sample(labels[:k], n, mean_scale=scale[:k], generator=torch.Generator().manual_seed(1))
+    eps = noise.fill_normal(torch.empty(k, n, D), noise.draw_seed(torch.Generator().manual_seed(1)))
+    mvns = [torch.distributions.MultivariateNormal((stats.mean[c] * scale[c]).float(), stats.cov[c]) for c in range(k)]
+    ref = torch.cat([m.loc + eps[c] @ m.scale_tril.T for c, m in enumerate(mvns)])
     same = ((ours - ref).abs().max() / ref.abs().max()).item()
     # the reference factors the float32 covariance in float32, clcli in float64 (then stores float32): the
     # difference is the reference's float32 factorisation error, ~cond(L)·2^-24 (1e-4 at 768-d, ridge 1e-4)
-    assert same <= 1e-3, f"clcli samples differ from the reference's for the same draws: rel {same:.2e}"
-    del ref, ours
+    assert same <= 1e-3, f"clcli samples differ from the reference's for the same noise: rel {same:.2e}"
+    del ref, ours, eps
     torch.manual_seed(0)
     epochs = []
     x = None
@@ -164,9 +167,9 @@ def compare(C, D, n, E, device) -> float:
     ours = spawn("clcli", C, D, n, E, device)
     for name, r in (("baseline", base), ("clcli", ours)):
         print(f"{name:9s} class-0 sample mean |err| avg {r['mean_err']:.4f} (target sd avg {r['sd']:.4f})")
-    print(f"clcli vs reference, same draws: max |diff| / max |x| = {ours['same_draw_rel']:.1e} "
+    print(f"clcli vs reference, same noise: max |diff| / max |x| = {ours['same_draw_rel']:.1e} "
           "(the reference's float32 Cholesky vs clcli's float64 one, stored float32; bound 1e-3)")
-    print(f"device: {device}; {C} classes x {D} dims x {n} samples x {E} epochs")
+    print(f"device: {device} ({torch.get_num_threads()} threads); {C} classes x {D} dims x {n} samples x {E} epochs")
     print(f"baseline (per-class MultivariateNormal each epoch): {base['time_s']:.2f} s ({E} x best {base['epoch_s']:.3f} s), "
           f"peak RSS {base['peak_mb']:.0f} MB")
     print(f"clcli (float32 factors kept, block-run sampling):  {ours['time_s']:.2f} s ({E} x best {ours['epoch_s']:.3f} s), "
@@ -177,8 +180,8 @@ def compare(C, D, n, E, device) -> float:
 
 
 def scaling(classes: list[int], D: int, n: int, E: int, device: str, rounds: int) -> None:
-    print(f"scaling: d = {D}, {n} samples per class; times: best of {E} epochs x {rounds} rounds (clcli and floor "
-          "alternate, a fresh process each); peak RSS of the process")
+    print(f"scaling: d = {D}, {n} samples per class, {torch.get_num_threads()} threads; times: best of {E} epochs x "
+          f"{rounds} rounds (clcli and floor alternate, a fresh process each); peak RSS of the process")
     print(f"{'C':>5} | {'factor s':>8} | {'sample s/ep':>11} | {'floor s':>7} | {'sample/floor':>12} | "
           f"{'peak RSS MB':>11} | {'floor RSS MB':>12} | {'cov+factor MB':>13}")
     for C in classes:

@@ -1,7 +1,8 @@
 """The benchmark scripts run end to end at toy sizes: each one asserts its own equivalence
 checks (same sample moments, same covariances, bit-identical logits, ...) before printing, and ends
 with ``ratio: <baseline time / clcli time>``. No timing is asserted here; the ratios are measured by
-running the scripts at their default sizes (README "Speed options and benchmarks")."""
+running the scripts at their default sizes (README "Speed options and benchmarks"). Each one is a
+subprocess that imports torch (seconds each), so they are ``slow``: ``pytest -m slow``."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ TOY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TOY))
 def test_benchmark_runs_and_ends_with_a_ratio(script):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -283,7 +284,10 @@ def test_mtil_metrics_golden_zscl_zero_shot_row():
 def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg(["method=diki", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
+    weights = tmp_path / "ViT-B-16.pt"  # the hub weights are not on this machine: a local file stands in
+    weights.write_bytes(b"0")
+    clip = ["backbone=clip_vit_b16", f"backbone.checkpoint_path={weights}", "backbone.pretrained=null"]
+    cfg = compose_cfg(["method=diki", f"data={data}", *clip, f"paths.data_dir={tmp_path}"])
     assert cfg.backbone.model_name == "ViT-B-16-quickgelu" and "classifier" not in cfg.optim.lr
     assert cfg.optim.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.0,
                                    "weight_decay": 0.0}
@@ -297,7 +301,7 @@ def test_mtil_configs_compose_and_report_missing_data(data, order, shots, tmp_pa
         assert str(tmp_path / cfg.data.dirs[name]) in text, name
     assert all(p.split(":")[0] in order for p in problems), problems  # nothing but missing data
     for other in ("zeroshot", "clip_ft"):
-        cfg2 = compose_cfg([f"method={other}", f"data={data}", "backbone=clip_vit_b16", f"paths.data_dir={tmp_path}"])
+        cfg2 = compose_cfg([f"method={other}", f"data={data}", *clip, f"paths.data_dir={tmp_path}"])
         assert check_config(cfg2) == problems
 
 
@@ -341,3 +345,13 @@ def test_few_shot_view_and_missing_data_errors(backbone, tmp_path):
         "data.order: unknown order 'III' (known: I, II, FS, or a list of dataset names).",
         "data.num_shots: -1 (full training sets) or an integer >= 1, got 0.",
     ]
+
+
+def test_validate_refuses_diki_on_a_class_incremental_benchmark(capsys):
+    """The scenario kind is known from the data config, so validate (and train, before anything is
+    built) refuses DIKI on a class-incremental benchmark; an MTIL benchmark passes."""
+    code, out = run_cli(["validate", "method=diki", "data=synthetic", "backbone=tiny_clip", "device=cpu",
+                         "~optim.lr.classifier"], capsys)
+    assert code == 2 and "method=diki needs a domain-class incremental (MTIL) scenario" in " ".join(out.split()), out
+    code, out = run_cli(["validate", "method=diki", "data=synthetic_mtil", "backbone=tiny_clip", "device=cpu"], capsys)
+    assert code == 0, out

@@ -1,13 +1,15 @@
-"""Multi-process data parallelism (clcli.distributed) on CPU with the gloo backend.
+"""Multi-process data parallelism (clcli.distributed: DistributedDataParallel + DistributedSampler)
+on CPU with the gloo backend.
 
-A 2-process run must give what one process gives with the same global batch. Exact bit equality
-is not expected: a rank's gradient is the mean over its half of the batch and the halves are summed
-across ranks (another float summation order than one mean over the whole batch), and features are
-computed in other batch shapes. So the tests ask for identical correct/total counts and states equal
-to float32 rounding (a few 1e-6 after a whole run), and for bit-identical states across ranks.
+A 2-process run equals a single-process run in distribution, not number for number: the ranks see
+other shuffles, the DistributedSampler pads an epoch by repeating samples, and each rank draws its
+own augmentations. What is exact (up to float summation order) is tested as such: a full-batch step
+(the mean of the ranks' mean gradients is the mean gradient over the same samples), the reduced
+class statistics and the evaluation counts. Ranks must always be bit-identical.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,13 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clcli import distributed
-
-# The integration run: 2 tasks x 3 classes x 25 images = 75 per task, global batch 16, so the last
-# batch of every epoch holds 11 images, split 6/5 between the two processes.
-UNEVEN = ["data=synthetic", "backbone=tiny_vit", "device=cpu", "data.source.num_classes=6",
-          "data.initial_increment=3", "data.increment=3", "data.num_tasks=2", "data.source.train_per_class=25"]
 
 
 def _flat(obj, prefix=""):
@@ -41,8 +39,9 @@ def _flat(obj, prefix=""):
         yield prefix, obj
 
 
-def _assert_states_close(a: dict, b: dict, atol: float, rtol: float) -> None:
-    fa, fb = dict(_flat(a)), dict(_flat(b))
+def _assert_states_close(a, b, atol: float, rtol: float, skip: tuple[str, ...] = ()) -> None:
+    fa = {k: v for k, v in _flat(a) if not k.startswith(skip)}
+    fb = {k: v for k, v in _flat(b) if not k.startswith(skip)}
     assert fa.keys() == fb.keys()
     for k, va in fa.items():
         vb = fb[k]
@@ -56,42 +55,6 @@ def _assert_states_close(a: dict, b: dict, atol: float, rtol: float) -> None:
             assert va == vb, k
 
 
-# ------------------------------------------------------------------------------ sharding (no processes)
-def test_shards_reassemble_the_single_process_order_and_rng_stays_shared():
-    """The ranks' pieces of every global batch, concatenated, are the batches DataLoader(shuffle=True)
-    yields from the same RNG state; pieces differ in size by at most one (empty in a short last batch);
-    after each epoch the global RNG is where the single-process loader leaves it, even though the
-    ranks drew their own random numbers while iterating."""
-    n, batch, epochs = 25, 6, 2  # 4 full batches and one of 1 image
-    data = torch.utils.data.TensorDataset(torch.arange(n))
-    torch.manual_seed(7)
-    reference = [[b[0].tolist() for b in torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)]
-                 for _ in range(epochs)]
-    state_after = torch.get_rng_state()
-    for world in (1, 2, 3):
-        per_rank = []
-        for rank in range(world):
-            torch.manual_seed(7)  # every rank starts from the same state
-            loader = torch.utils.data.DataLoader(
-                data, batch_sampler=distributed.ShardedBatchSampler(n, batch, rank, world),
-                generator=torch.Generator(), collate_fn=distributed.collate_or_none)
-            epochs_seen = []
-            for _ in range(epochs):
-                with distributed.epoch(loader):
-                    epochs_seen.append([[] if b is None else b[0].tolist() for b in loader])
-                    torch.rand(rank + 1)  # a rank's own draws (augmentations) do not leak out
-            assert torch.equal(torch.get_rng_state(), state_after)
-            per_rank.append(epochs_seen)
-        for e in range(epochs):
-            assert len({len(r[e]) for r in per_rank}) == 1  # every rank steps equally often
-            for b, expected in enumerate(reference[e]):
-                pieces = [r[e][b] for r in per_rank]
-                assert sum(pieces, []) == expected
-                assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
-        if world > 1:
-            assert per_rank[-1][0][-1] == []  # the 1-image last batch leaves a rank empty
-
-
 def test_batch_size_must_divide_among_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "divisible by the number of processes" in distributed.problems(15)[0]
@@ -100,9 +63,56 @@ def test_batch_size_must_divide_among_processes(monkeypatch):
     assert distributed.problems(15) == []
 
 
+# ------------------------------------------------------------------------------ the methods' loss modules
+def test_loss_modules_use_every_trainable_parameter(tiny_clip, synthetic_mtil):
+    """DDP runs with find_unused_parameters=False (clcli.distributed.data_parallel): that is only
+    right if one step of every method's loss module gives every parameter with requires_grad a
+    gradient. Frozen parts (DIKI's CLIP, SLCA's frozen backbone) must not require one."""
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    from clcli.methods.clip_baselines import FineTuneLoss
+    from clcli.methods.diki import TaskLoss
+    from clcli.methods.slca import Stage1Loss
+    from clcli.models.heads import TaskHeads
+    from clcli.models.residual_attention import DikiClip
+
+    def grads(module, x, y) -> tuple[int, list[str]]:
+        module(x, y).backward()
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return len(trainable), [n for n, p in trainable if p.grad is None]
+
+    torch.manual_seed(0)
+    vit = instantiate(compose(["backbone=tiny_vit"]).backbone)
+    heads = TaskHeads(vit.feature_dim)
+    heads.add_task(2)
+    head = heads.add_task(3)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([2, 4])
+    assert grads(Stage1Loss(vit, head, 2, train_backbone=True), x, y) == (32, [])  # 30 backbone + 2 head
+    vit.requires_grad_(False)
+    head.zero_grad(set_to_none=True)
+    assert grads(Stage1Loss(vit, head, 2, train_backbone=False), x, y) == (2, [])
+
+    task = synthetic_mtil.tasks[1]
+    tokens = tiny_clip.truncate_tokens(tiny_clip.tokenize(task.prompts()))
+    model = DikiClip(tiny_clip, depth_vision=3, depth_text=3)
+    for _ in range(3):
+        model.add_task()
+    model.pools.freeze_all_but(1)
+    y = torch.tensor([task.labels.start, task.labels.start + 2])
+    assert grads(TaskLoss(model, 1, tokens, task.labels.start), x, y) == (3 * 2, [])  # one K|V tensor x 3 blocks x 2 towers
+    model.pools.freeze_all_but(None)
+
+    clip = copy.deepcopy(tiny_clip)
+    for n, p in clip.model.named_parameters():
+        p.requires_grad_(n != "logit_scale")  # what ContinualCLIPFT trains
+    n, missing = grads(FineTuneLoss(clip, tokens, task.labels.start), x, y)
+    assert missing == [] and n == len(list(clip.parameters())) - 1
+
+
 # ------------------------------------------------------------------------------ fit / stats in 2 processes
-# fork: the workers inherit the imported modules (seconds faster than spawn); the parent never
-# initializes a process group, so nothing of it is shared.
+# fork: the workers inherit the imported modules and the session's tiny CLIP (seconds faster than
+# spawn); the parent never initializes a process group, so nothing of it is shared.
 START = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
@@ -112,26 +122,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _toy_problem():
-    """25 samples (global batch 6: last batch of 1 -> one rank gets nothing), a linear model plus a
-    parameter no step uses (its grad stays None: SGD must skip it as in one process)."""
+class _ToyLoss(torch.nn.Module):
+    """CE of a linear model on x[:, :4]; x[:, 4] is the sample's index, recorded with one draw of
+    the (per-rank) torch RNG per step. A frozen layer rides along, as DIKI's frozen CLIP does."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+        self.seen: list[list[int]] = []
+        self.draws: list[float] = []
+
+    def forward(self, x, y):
+        self.seen.append(x[:, 4].long().tolist())
+        self.draws.append(float(torch.rand(())))
+        return F.cross_entropy(self.linear(self.frozen(x[:, :4])), y)
+
+
+def _toy_data(n: int):
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(25, 4, generator=g), torch.randint(0, 3, (25,), generator=g)
-    torch.manual_seed(1)
-    model, unused = torch.nn.Linear(4, 3), torch.nn.Linear(2, 2)
-    return torch.utils.data.TensorDataset(x, y), model, unused
+    x = torch.cat([torch.randn(n, 4, generator=g), torch.arange(n, dtype=torch.float32)[:, None]], 1)
+    return torch.utils.data.TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
 
 
-def _toy_fit(rt):
+def _toy_fit(rt, n: int, batch: int, calls: int = 1, epochs: int = 3) -> dict:
+    """``calls`` x fit(epochs) of SGD with momentum and weight decay on the same loader (DIKI calls
+    fit once per epoch), from a fixed seed."""
     from clcli.engine import fit
 
-    data, model, unused = _toy_problem()
-    opt = torch.optim.SGD([*model.parameters(), *unused.parameters()], lr=0.5, momentum=0.9, weight_decay=1e-3)
-    loader = rt.loader(data, 6, shuffle=True)
-    torch.manual_seed(2)
-    history = fit(lambda x, y: torch.nn.functional.cross_entropy(model(x), y), loader, epochs=3, optimizer=opt,
-                  scheduler=None, rt=rt, where="toy", num_classes=3)
-    return {"model": model.state_dict(), "unused": unused.state_dict(), "history": history}
+    torch.manual_seed(1)
+    loss = _ToyLoss()
+    opt = torch.optim.SGD(loss.linear.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    loader = rt.loader(_toy_data(n), batch, shuffle=True)
+    history = []
+    for _ in range(calls):
+        history += fit(loss, loader, epochs=epochs, optimizer=opt, scheduler=None, rt=rt, where="toy", num_classes=3)
+    return {"model": copy.deepcopy(loss.state_dict()), "history": history, "seen": loss.seen, "draws": loss.draws,
+            "rng_after": torch.get_rng_state()}
 
 
 def _toy_stats():
@@ -149,48 +176,168 @@ def _toy_stats():
     return stats.state_dict()
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _mtil_optim(**kw):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"lr": {"representation": 5.0}, "epochs": 2, "batch_size": 64, "schedule": "cosine_steps",
+                             "final_lr_ratio": 1.0e-3, "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True,
+                                                                     "momentum": 0.0, "weight_decay": 0.0}, **kw})
+
+
+def _diki_fit(rt, clip, scenario) -> dict:
+    """DIKI's first task, full batch (64 images: 32 per rank), 2 epochs, default fp16 residuals."""
+    from clcli.methods.diki import DIKI
+
+    torch.manual_seed(4)
+    method = DIKI(backbone=clip, optim=_mtil_optim(), runtime=rt)
+    method.prepare_scenario(scenario)
+    task = scenario.tasks[0]
+    method.begin_task(task)
+    method.train_task(task)
+    state = method.state_dict()
+    return {"pools": state["pools"], "history": state["history"]}
+
+
+def _clip_ft_fit(rt, clip, scenario) -> dict:
+    """clip_ft's first task, full batch, 2 epochs of plain SGD (lr 0.1) on a copy of the tiny CLIP."""
+    from clcli.methods.clip_baselines import ContinualCLIPFT
+
+    torch.manual_seed(5)
+    method = ContinualCLIPFT(backbone=copy.deepcopy(clip), optim=_mtil_optim(lr={"representation": 0.1}), runtime=rt)
+    method.prepare_scenario(scenario)
+    method.train_task(scenario.tasks[0])
+    return method.state_dict()
+
+
+def _diverge_on_rank1(rt) -> dict:
+    """A loss that is NaN on rank 1 only, at its second step: both ranks must stop there."""
+    from clcli.engine import fit
+    from clcli.errors import DivergenceError
+
+    class Nan(_ToyLoss):
+        def forward(self, x, y):
+            out = super().forward(x, y)
+            return out * float("nan") if len(self.seen) == 2 and distributed.rank() == 1 else out
+
+    loss = Nan()
+    opt = torch.optim.SGD(loss.linear.parameters(), lr=0.1)
+    try:
+        fit(loss, rt.loader(_toy_data(24), 8, shuffle=True), epochs=2, optimizer=opt, scheduler=None, rt=rt,
+            where="toy", num_classes=3)
+    except DivergenceError as e:
+        return {k: e.details[k] for k in ("epoch", "step")}
+    return {}
+
+
+def _worker(rank: int, world: int, port: int, out: str, clip, scenario) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from clcli.engine import Runtime
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it would hang)
+    from clcli.engine import Runtime, fit
 
     with distributed.session(torch.device("cpu")) as device:
         rt = Runtime(device=device)
-        result = {"fit": _toy_fit(rt), "stats": _toy_stats()}
-        distributed.check_in_sync(result, "after the toy fit")  # identical on both ranks
-        diverged = {"w": torch.ones(3) * (1 + rank)}
+        result = {
+            "full": _toy_fit(rt, 24, 24),  # one full batch per epoch: 12 samples per rank
+            "mini": _toy_fit(rt, 25, 6, calls=2, epochs=2),  # 13 samples per rank (one repeated), steps of 3,3,3,3,1
+            "stats": _toy_stats(),
+            "diki": _diki_fit(rt, clip, scenario),
+            "clip_ft": _clip_ft_fit(rt, clip, scenario),
+            "diverged_at": _diverge_on_rank1(rt),
+        }
+        result["mini_again"] = _toy_fit(rt, 25, 6, calls=2, epochs=2)  # from the same seed: a resume
+        sync = {k: v for k, v in result.items() if k not in ("mini", "mini_again", "full")}
+        distributed.check_in_sync({**sync, "model": result["mini"]["model"]}, "after the fits")
         try:
-            distributed.check_in_sync(diverged, "test")
+            fit(lambda x, y: x.sum(), [], epochs=1, optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+                scheduler=None, rt=rt, where="toy", num_classes=3)
+        except TypeError as e:
+            result["plain_function_refused"] = "nn.Module" in str(e)
+        try:
+            distributed.check_in_sync({"w": torch.ones(3) * (1 + rank)}, "test")
             result["divergence_detected"] = False
         except RuntimeError:
             result["divergence_detected"] = True
         torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
-def test_fit_and_stats_in_two_processes_equal_one_process(tmp_path):
+def test_fit_and_stats_in_two_processes(tmp_path, tiny_clip, synthetic_mtil):
     from clcli.engine import Runtime
 
-    single = {"fit": _toy_fit(Runtime()), "stats": _toy_stats()}
-    ctx = torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                                                start_method=START, join=False)
-    deadline = time.monotonic() + 120
+    ctx = torch.multiprocessing.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path), tiny_clip, synthetic_mtil), nprocs=2, start_method=START,
+        join=False)
+    single = {"full": _toy_fit(Runtime(), 24, 24), "stats": _toy_stats(),  # meanwhile, the single-process runs
+              "diki": _diki_fit(Runtime(), tiny_clip, synthetic_mtil),
+              "clip_ft": _clip_ft_fit(Runtime(), tiny_clip, synthetic_mtil)}
+    deadline = time.monotonic() + 60
     while not ctx.join(timeout=1):  # raises if a worker failed
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the 2-process toy fit hung")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert all(r.pop("divergence_detected") for r in ranks)
-    _assert_states_close(ranks[0], ranks[1], atol=0, rtol=0)  # bit-identical across ranks
-    _assert_states_close(ranks[0], single, atol=1e-6, rtol=1e-5)
-    assert torch.equal(ranks[0]["fit"]["unused"]["weight"], single["fit"]["unused"]["weight"])  # never stepped
+            pytest.fail("the 2-process fits hung")
+    r0, r1 = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    # Trained state is bit-identical across ranks (DDP averages the gradients); the guard saw the
+    # same (averaged) loss on both ranks and stopped both at the NaN step of rank 1.
+    for key in ("full", "mini", "stats", "diki", "clip_ft", "diverged_at"):
+        _assert_states_close(r0[key], r1[key], atol=0, rtol=0, skip=("/seen", "/draws", "/rng_after"))
+    assert r0["diverged_at"] == {"epoch": 1, "step": 2}
+    assert r0["plain_function_refused"] and r0["divergence_detected"] and r1["divergence_detected"]
+
+    # Exact up to float summation order: a full-batch step (the mean of the two 12-sample mean
+    # gradients is the 24-sample mean gradient; SGD with momentum over 3 epochs keeps the difference
+    # at float32 rounding: measured 4.5e-8), and the statistics (block sums reduced across ranks).
+    _assert_states_close(r0["full"]["model"], single["full"]["model"], atol=1e-6, rtol=1e-6)
+    assert r0["full"]["history"] == pytest.approx(single["full"]["history"], rel=1e-6)
+    _assert_states_close(r0["stats"], single["stats"], atol=1e-12, rtol=1e-10)
+    # DIKI and clip_ft through DDP, full batch: the same up to rounding. DIKI's residuals are fp16
+    # (its default), where a rounding difference can flip one ulp (measured 1.2e-4; fp16's ulp is
+    # 1e-3 relative); the epochs' val accuracies agree. clip_ft's fp32 weights: measured 6e-7.
+    _assert_states_close(r0["diki"]["pools"], single["diki"]["pools"], atol=2e-3, rtol=2e-3)
+    assert [h["val_acc"] for h in r0["diki"]["history"]] == [h["val_acc"] for h in single["diki"]["history"]]
+    assert r0["diki"]["history"][0]["train_loss"] == pytest.approx(single["diki"]["history"][0]["train_loss"], rel=1e-4)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in r0["diki"]["pools"].items())  # it trained
+    _assert_states_close(r0["clip_ft"], single["clip_ft"], atol=2e-6, rtol=1e-5)
+
+    # Minibatches: every epoch each rank gets 13 of the 25 samples (the DistributedSampler pads with
+    # one repeat), in steps of 3, 3, 3, 3, 1; together they cover the data; every pass reshuffles,
+    # also across fit calls on the same loader.
+    epochs = []
+    for e in range(4):
+        pieces = [r["mini"]["seen"][5 * e : 5 * e + 5] for r in (r0, r1)]
+        assert [[len(b) for b in p] for p in pieces] == [[3, 3, 3, 3, 1]] * 2
+        ids = sum(pieces[0], []) + sum(pieces[1], [])
+        assert sorted(set(ids)) == list(range(25)) and len(ids) == 26
+        epochs.append(ids)
+    assert len({tuple(e) for e in epochs}) == 4
+    # The ranks drew their own random numbers while training, yet end with the same global RNG
+    # state (later draws, e.g. classifier alignment's, agree); and a rerun from the same seed (a
+    # resume) repeats the shuffles, the draws and the result.
+    assert r0["mini"]["draws"] != r1["mini"]["draws"]
+    assert torch.equal(r0["mini"]["rng_after"], r1["mini"]["rng_after"])
+    for r in (r0, r1):
+        _assert_states_close(r["mini_again"], r["mini"], atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------ the CLI under torchrun
-def test_torchrun_run_equals_single_process_run(tmp_path):
+# 2 tasks x 3 classes x 24 training images; optim.batch_size=72 is one full batch per task and epoch
+# (36 per process), so the multi-process gradient is the single-process one up to float rounding.
+FULL_BATCH = ["data=synthetic", "backbone=tiny_vit", "device=cpu", "data.source.num_classes=6",
+              "data.initial_increment=3", "data.increment=3", "data.num_tasks=2", "data.source.train_per_class=24",
+              "optim.batch_size=72"]
+
+
+@pytest.mark.slow
+def test_torchrun_run_matches_single_process_run(tmp_path):
     """`torchrun --nproc_per_node=2 -m clcli.cli train -m method=slca,frozen` (gloo on CPU) against the
-    same runs in one process: identical accuracy counts, checkpoints equal to float32 rounding, files
-    written once (rank 0), and the sweep's second job runs in the same process group."""
+    same runs in one process. Both complete (check_in_sync after every task raises if the ranks'
+    states differ), files are written once (rank 0), and the sweep's second job runs in the same
+    process group. With one full batch per step, training is the single-process training up to
+    float rounding: frozen (stage 1 only) gives the same accuracy counts; slca also gives the same
+    backbone, stage-1 heads and class statistics, while classifier alignment samples other features
+    (the training loop drew other numbers from the global RNG), so its metrics agree only within a
+    tolerance."""
     from conftest import run_tiny
 
     from clcli.results import RunStore
@@ -199,14 +346,14 @@ def test_torchrun_run_equals_single_process_run(tmp_path):
     env.pop("WORLD_SIZE", None)
     sweep = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clcli.cli",
-           "train", "-m", *UNEVEN, "method=slca,frozen", "checkpoint.keep=all", f"hydra.sweep.dir={sweep}",
+           "train", "-m", *FULL_BATCH, "method=slca,frozen", "checkpoint.keep=all", f"hydra.sweep.dir={sweep}",
            "hydra.sweep.subdir=${hydra:runtime.choices.method}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:  # the single-process references run meanwhile
-        singles = {m: run_tiny(tmp_path, UNEVEN + [f"method={m}", "checkpoint.keep=all"], f"single_{m}")
+        singles = {m: run_tiny(tmp_path, FULL_BATCH + [f"method={m}", "checkpoint.keep=all"], f"single_{m}")
                    for m in ("slca", "frozen")}
-        out, _ = proc.communicate(timeout=150)
+        out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:  # a hang: stop torchrun and its workers (their own process group)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -219,11 +366,23 @@ def test_torchrun_run_equals_single_process_run(tmp_path):
         run_dir = sweep / method
         res = json.loads((run_dir / "results.json").read_text())
         assert res["environment"]["world_size"] == 2 and single["environment"]["world_size"] == 1
-        assert res["counts"] == single["counts"], method
-        assert res["metrics"] == single["metrics"]
-        if method == "frozen":  # rank 0's block of each test set (one eval batch) encoded once, then served
+        assert res["status"] == "complete" and res["warnings"] == single["warnings"]
+        if method == "frozen":
+            assert res["counts"] == single["counts"] and res["metrics"] == single["metrics"]
+            # rank 0's block of each test set (one eval batch) encoded once, then served
             cache = res["method_summary"]["feature_cache"]
             assert (cache["datasets_encoded"], cache["batches_encoded"], cache["batches_served"]) == (2, 2, 1)
+        else:
+            # Task 0 has no alignment: its row is stage 1 alone, the same counts.
+            assert res["counts"]["correct"][0] == single["counts"]["correct"][0]
+            assert res["counts"]["total"] == single["counts"]["total"]
+            # After task 1, alignment trains the heads on features drawn from the same Gaussians, but
+            # other draws. How much other draws alone move this tiny run (72 test images, 1 image =
+            # 1.4 points): one process with 8 alignment seeds gave last_acc 54.2 to 62.5, a range
+            # of 8.3 points (6 images; the normal draws: 56.9, 2 processes: 61.1). Allowed: that
+            # range plus one image. The exact parts (backbone, stage-1 heads, class statistics)
+            # are compared in the checkpoints below.
+            assert abs(res["metrics"]["last_acc"] - single["metrics"]["last_acc"]) <= 9.8, (res["metrics"], single["metrics"])
         ckpts = RunStore(run_dir, "").checkpoints()
         assert [p.name for p in ckpts] == ["task_00.pt", "task_01.pt"]
         for ckpt in ckpts:  # with the statistics merged back from the task_XX.stats.pt files
@@ -231,6 +390,7 @@ def test_torchrun_run_equals_single_process_run(tmp_path):
             ours = RunStore(run_dir, fp).state_at(ckpt)["method"]
             ref_dir = tmp_path / f"single_{method}"
             ref = RunStore(ref_dir, fp).state_at(ref_dir / "checkpoints" / ckpt.name)["method"]
-            # parameters to ~1e-6; class means (|x| ~ 2.5) of features through the trained backbone to ~1e-5
-            _assert_states_close(ours, ref, atol=2e-5, rtol=1e-5)
+            # parameters to ~1e-6; class means (|x| ~ 2.5) of features through the trained backbone to ~1e-5;
+            # the aligned heads (other alignment draws) are compared through the metrics above
+            _assert_states_close(ours, ref, atol=2e-5, rtol=1e-5, skip=("/aligned",))
     assert not [p for p in sweep.rglob("*.tmp")]

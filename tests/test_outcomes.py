@@ -324,6 +324,6 @@ def test_paper_metadata_is_not_part_of_the_resume_fingerprint():
 
     cfg = {"seed": 1993, "device": "cpu", "method": {"_target_": "x.Y", "feature_cache": "memory"},
            "optim": {"lr": {"representation": 1e-4}}}
-    assert config_fingerprint(cfg) == "c65447ca6a2bbb2e"  # the same as before paper was left out
+    assert config_fingerprint(cfg) == "9ee9abe406d9d31e"  # as before paper was left out (RNG_PROTOCOL 3)
     assert config_fingerprint({**cfg, "paper": {"note": "edited"}}) == config_fingerprint(cfg)
     assert config_fingerprint({**cfg, "seed": 1996}) != config_fingerprint(cfg)

@@ -595,7 +595,7 @@ def _validate(overrides: list[str], tmp_path) -> list[str]:
 def test_prompt_sweeps_expand_to_every_cell_and_seed(tmp_path, pre):
     cfg, jobs = _sweep_jobs(f"prompts_{pre}")
     assert cfg.hydra.sweep.dir == f"outputs/sweeps/slca/prompts_{pre}"  # next to SLCA's: one `clcli table outputs/sweeps/slca`
-    experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("+experiment=")}
+    experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("experiment=")}
     assert experiments == {e for e in PROMPT_EXPERIMENTS if e.endswith(pre)}
     assert {o.split("=")[1] for j in jobs for o in j if o.startswith("seed=")} == {"1993", "1996", "1997"}
     assert len(jobs) == 24 * 3
@@ -612,8 +612,8 @@ def test_every_job_of_the_prompt_sweeps_validates(tmp_path, pre):
 
 @pytest.mark.parametrize("experiment", PROMPT_EXPERIMENTS)
 def test_presets_validate_with_the_spec_hyper_parameters_and_paper_blocks(tmp_path, experiment):
-    assert _validate([f"+experiment={experiment}"], tmp_path) == []
-    cfg = compose([f"+experiment={experiment}"])
+    assert _validate([f"experiment={experiment}"], tmp_path) == []
+    cfg = compose([f"experiment={experiment}"])
     method, _, bench, pre = re.fullmatch(r"prompts/(l2p|dualprompt|coda_prompt)(_ca)?_(.+)_(in21k|mocov3)", experiment).groups()
     o = cfg.optim
     assert cfg.method.kind == method and cfg.method.ca.enabled == ("_ca_" in experiment)

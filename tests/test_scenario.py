@@ -92,7 +92,7 @@ def test_digits_source_split():
 def test_the_scenario_kind_decides_evaluation_metrics_and_headline():
     from clcli.data.scenario import CLASS_INCREMENTAL, DOMAIN_CLASS_INCREMENTAL, Scenario, Task
     from clcli.evaluation import AccuracyMatrix, scenario_kind
-    from clcli.results import headline
+    from clcli.report import headline
 
     tasks = [Task(i, f"t{i}", range(2 * i, 2 * i + 2), [], [], [], [], []) for i in range(2)]
     cil, mtil = Scenario("c", CLASS_INCREMENTAL, tasks, []), Scenario("m", DOMAIN_CLASS_INCREMENTAL, tasks, [])

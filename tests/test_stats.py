@@ -136,22 +136,85 @@ def test_covariances_and_factors_are_float32_and_factor_is_the_reference_one():
     assert s.mean[0].dtype == torch.float64  # means stay float64 (float32 mean -> float64, as the reference)
 
 
-def test_same_draws_give_the_reference_samples_within_float32_rounding():
-    """Seeded like the reference (one MultivariateNormal per class, in class order), the samples are
-    the reference's up to float32 rounding: |diff| <= 1e-5 x max|x| (the ε·Lᵀ sums run in another order)."""
+def _reference_noise(seed_generator: torch.Generator, keys: int, n: int, d: int) -> torch.Tensor:
+    """The documented noise of one CPU ``sample`` call, rebuilt by hand: one draw of the seed from the
+    generator, then key i's noise is ``randn(n, d)`` from a fresh CPU generator seeded seed + i."""
+    seed = int(torch.randint(0, 2**32, (1,), generator=seed_generator).item())
+    return torch.stack([torch.randn(n, d, generator=torch.Generator().manual_seed(seed + i)) for i in range(keys)])
+
+
+def test_same_noise_gives_the_reference_samples_within_float32_rounding():
+    """With the noise rebuilt independently (``_reference_noise``), the samples are the reference's
+    ``MultivariateNormal.rsample`` formula loc + scale_tril·ε (the reference's own float32 factor) up to
+    float32 rounding: |diff| <= 1e-5 x max|x|; and the float64 product with clcli's factor to 1e-6."""
     s = _fitted()
-    n = 32  # n·D = 1536, a multiple of 16: run-by-run noise is the same stream as one randn(K, n, D)
+    n = 33  # n·D not a multiple of 16: noise is per key, not one stream cut into runs
     scale = torch.tensor([0.95, 1.0], dtype=torch.float64)
-    torch.manual_seed(0)
-    ref = torch.cat([torch.distributions.MultivariateNormal((s.mean[k] * scale[k]).float(), s.cov[k]).sample((n,))
-                     for k in (0, 1)])
-    torch.manual_seed(0)
-    ours, labels = s.sample([0, 1], n, mean_scale=scale)
+    ours, labels = s.sample([0, 1], n, mean_scale=scale, generator=torch.Generator().manual_seed(5))
+    eps = _reference_noise(torch.Generator().manual_seed(5), 2, n, 48)
     assert ours.dtype == torch.float32 and labels.tolist() == [0] * n + [1] * n
-    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
-    torch.manual_seed(0)
-    dense = (s.mean[0] * 0.95).float() + torch.randn(2, n, 48)[0] @ s._chol[0].T  # one randn, dense ε·Lᵀ
-    assert (ours[:n] - dense).abs().max() <= 1e-5 * dense.abs().max()
+    for i, k in enumerate((0, 1)):
+        mvn = torch.distributions.MultivariateNormal((s.mean[k] * scale[k]).float(), s.cov[k])
+        ref = mvn.loc + eps[i] @ mvn.scale_tril.T
+        assert (ours[i * n:(i + 1) * n] - ref).abs().max() <= 1e-5 * ref.abs().max()
+        dense = s.mean[k] * scale[k] + eps[i].double() @ s._chol[k].double().T
+        assert (ours[i * n:(i + 1) * n].double() - dense).abs().max() <= 1e-6 * dense.abs().max()
+
+
+def test_draws_do_not_depend_on_threads_or_runs_and_take_one_global_draw(monkeypatch):
+    """The same seed gives bit-identical noise with 1, 2 or 3 threads and with runs of 1 key or of
+    every key; and a call takes exactly one draw from the global RNG (so an epoch loop and its resume
+    stay in step with the rest of the run's random stream)."""
+    import clcli.stats as stats_mod
+
+    s = _fitted(d=16, keys=(0, 1, 2, 3, 4))
+    keys = [3, 0, 1, 2, 4]  # runs of consecutive rows broken by the order
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t, chunk in ((1, 64), (2, 64), (3, 2), (2, 1)):
+            torch.set_num_threads(t)
+            monkeypatch.setattr(stats_mod, "SAMPLE_CHUNK", chunk)
+            results.append(s.sample(keys, 7, generator=torch.Generator().manual_seed(11))[0])
+    finally:
+        torch.set_num_threads(threads)
+    eps = _reference_noise(torch.Generator().manual_seed(11), 5, 7, 16)
+    for i, k in enumerate(keys):  # each row against its own dense product: no batching order involved
+        dense = s.mean[k] + eps[i].double() @ s._chol[k].double().T
+        for x in results:
+            assert (x[i * 7:(i + 1) * 7].double() - dense).abs().max() <= 1e-6 * dense.abs().max()
+    for x in results[1:]:
+        assert torch.allclose(x, results[0], rtol=0, atol=1e-6 * results[0].abs().max())
+    torch.manual_seed(3)
+    s.sample(keys, 7)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    torch.randint(0, 2**32, (1,))
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_noise_streams_are_standard_normal_and_uncorrelated():
+    """``fill_normal`` streams: each row mean 0 and variance 1, and neighbouring streams (seeds s and
+    s + 1) uncorrelated, all within 5 standard errors (N = 40000 per row); bit-identical for 1 and 2
+    threads."""
+    from clcli.noise import fill_normal
+
+    N = 40000
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        buf = fill_normal(torch.empty(6, N), seed=2**32 - 3, first=0)  # seeds wrap around 2^32
+        torch.set_num_threads(1)
+        assert torch.equal(fill_normal(torch.empty(6, N), seed=2**32 - 3, first=0), buf)
+    finally:
+        torch.set_num_threads(threads)
+    x = buf.double()
+    se = 1 / math.sqrt(N)
+    assert (x.mean(1).abs() < 5 * se).all()
+    assert ((x.var(1) - 1).abs() < 5 * math.sqrt(2) * se).all()
+    corr = torch.corrcoef(x)
+    assert (corr - torch.eye(6, dtype=torch.float64)).abs().max() < 5 * se
+    assert torch.equal(buf[3], torch.randn(N, generator=torch.Generator().manual_seed(0)))  # row 3: seed 2^32 -> 0
 
 
 def test_log_prob_with_float32_factors_matches_float64_multivariate_normal():

@@ -158,6 +158,26 @@ def test_paper_values_diff_and_unverified_mark(tmp_path):
     assert rec["inc_acc_paper_unverified"] == "true" and rec["paper_source"] == "figure"
 
 
+def test_paper_kind_column_and_probe_columns():
+    """``paper.kinds`` prints beside the paper column; the probe's metrics get columns only where some run has them."""
+    paper = {"last_acc": 84.71, "inc_acc": 90.94, "kinds": {"last_acc": "derived", "inc_acc": "recalled"},
+             "unverified": ["last_acc", "inc_acc"], "source": "s"}
+    probed = _res(1993, paper=paper)
+    probed["metrics"].update(probe_last=70.0, probe_inc=80.0)
+    table = headline_table(group_runs([probed, _res(1993, "slow_learner")]), "class_incremental")
+    i = table.header.index("last_acc paper")
+    assert table.header[i : i + 3] == ["last_acc paper", "last_acc kind", "last_acc Δ"]
+    assert "probe_last" in table.header and "probe_inc" in table.header and "probe_last paper" not in table.header
+    rows = {r[0]: dict(zip(table.header, r)) for r in table.rows}
+    assert rows["method=slca"]["last_acc kind"] == "derived" and rows["method=slca"]["inc_acc kind"] == "recalled"
+    assert rows["method=slca"]["probe_last"].startswith("70.00") and rows["method=slow_learner"]["probe_last"].startswith("–")
+    assert rows["method=slow_learner"]["last_acc kind"] == "–"
+    rec = next(csv.DictReader(render_csv(group_runs([probed])).splitlines()))
+    assert rec["last_acc_paper_kind"] == "derived" and float(rec["probe_inc_mean"]) == 80.0
+    plain = headline_table(group_runs([_res(1993)]), "class_incremental")
+    assert "probe_last" not in plain.header and not any(h.endswith(" kind") for h in plain.header)
+
+
 def test_single_run_std_is_a_dash_not_zero():
     (g,) = group_runs([_res(1993)])
     assert g.stat("last_acc").std is None and g.stat("last_acc").text() == "50.00 ± – (n=1)"
@@ -250,18 +270,24 @@ def _missing_options(experiment: str) -> list[str]:
 
 
 def _key_problems(cfg) -> list[str]:
-    """check_config's problems other than missing datasets and weight files (not on this machine)."""
+    """check_config's problems other than missing datasets, weight files, ZSCL's reference data and
+    MoE-Adapters' selector files (not on this machine: a missing checkpoint_path file, hub weights not
+    in the local cache)."""
     from clcli.config import check_config
 
     owned = ("optim", "method", "backbone.", "seed", "train_seed", "precision", "device", "eval", "guard", "perf")
     return [p for p in check_config(cfg) if "unknown key" in p
-            or (p.startswith(owned) and not p.startswith("backbone.checkpoint_path"))]
+            or (p.startswith(owned) and not p.startswith(("backbone.checkpoint_path", "backbone.pretrained",
+                                                            "method.ref_images.path", "method.ref_texts.path",
+                                                            "method.ddas.alexnet_weights", "method.ddas.tinyimagenet_dir")))]
 
 
 def test_every_paper_table_cell_has_an_experiment():
-    slca = {f"slca/{m}_{b}_{p}" for m in ("seq_ft", "slow_learner", "slca", "joint")
+    slca = {f"slca/{m}_{b}_{p}" for m in ("seq_ft", "slow_learner", "slca", "joint", "slcapp")
             for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
-    diki = {f"diki/{m}_{o}" for m in ("diki", "zeroshot", "clip_ft") for o in ("order1", "order2", "fewshot")}
+    diki = {f"diki/{m}_{o}" for m in ("diki", "zeroshot", "clip_ft", "zscl") for o in ("order1", "order2", "fewshot")}
+    diki |= {f"diki/tiny_{m}" for m in ("diki", "zeroshot", "clip_ft", "zscl")}  # the tiny CPU benchmark
+    diki |= {f"diki/moe_adapters_{o}" for o in ("order1", "order2", "fewshot", "tiny")}
     prompts = {f"prompts/{m}{ca}_{b}_{p}" for m in ("l2p", "dualprompt", "coda_prompt") for ca in ("", "_ca")
                for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
     assert set(EXPERIMENTS) == slca | diki | prompts
@@ -270,7 +296,7 @@ def test_every_paper_table_cell_has_an_experiment():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_with_a_paper_block(experiment):
     assert not _missing_options(experiment), "the experiment selects options that do not exist"
-    cfg = _compose([f"+experiment={experiment}"])
+    cfg = _compose([f"experiment={experiment}"])
     assert cfg.optim.schedule != "multistep" or all(0 < m <= cfg.optim.epochs for m in cfg.optim.milestones)
     assert _key_problems(cfg) == []
     paper = cfg.paper
@@ -283,6 +309,13 @@ def test_experiment_composes_with_a_paper_block(experiment):
     assert all(v is None or 0 <= v <= 100 for v in values.values())
     if any(v is not None for v in values.values()):
         assert paper.get("source"), "a published number needs its source"
+    if experiment.startswith("slca/"):  # every number has a kind; all that are not read from a table are unverified
+        kinds = dict(paper.get("kinds") or {})
+        assert set(kinds) == {k for k, v in values.items() if v is not None}
+        assert set(kinds.values()) <= {"table", "figure", "derived", "secondary", "recalled"}
+        assert {k for k, kind in kinds.items() if kind != "table"} == set(paper.get("unverified") or [])
+        for k, alt in (paper.get("alternatives") or {}).items():
+            assert alt.kind in ("table", "figure", "derived", "secondary", "recalled") and alt.source and k in values
     if experiment.startswith("slca/"):
         _check_slca_hyper_parameters(experiment, cfg)
 
@@ -291,14 +324,21 @@ def _check_slca_hyper_parameters(experiment, cfg):
     """IN21k CIFAR 20/[18], other IN21k 50/[40], MoCo v3 90/[80]; tau 0.1 (Cars 0.05)
     (docs/slca_protocol.md#schedules-per-benchmark); torch seed 1 in every run
     (docs/slca_protocol.md#class-order-and-seeds)."""
-    method, rest = re.fullmatch(r"slca/(seq_ft|slow_learner|slca|joint)_(.+)", experiment).groups()
+    method, rest = re.fullmatch(r"slca/(seq_ft|slow_learner|slcapp|slca|joint)_(.+)", experiment).groups()
     bench, pre = rest.rsplit("_", 1)
-    expected = (90, [80]) if pre == "mocov3" else ((20, [18]) if bench == "cifar100" else (50, [40]))
+    mocov3 = (90, [60, 80]) if method == "slcapp" else (90, [80])  # SLCA++'s milestones only set its cosine floor
+    expected = mocov3 if pre == "mocov3" else ((20, [18]) if bench == "cifar100" else (50, [40]))
     assert (cfg.optim.epochs, list(cfg.optim.milestones)) == expected
     assert cfg.train_seed == 1
     assert cfg.data.name == f"split_{bench}" and cfg.backbone.model_name.startswith("vit_base_patch16_224")
-    assert cfg.method.ca.enabled == (method == "slca") and cfg.method.joint == (method == "joint")
-    if method == "slca":
+    assert cfg.method.ca.enabled == (method in ("slca", "slcapp")) and cfg.method.joint == (method == "joint")
+    if method == "slcapp":  # docs/slca_protocol.md#slca-configurations-per-benchmark
+        heavy = bench in ("imagenet_r", "cars196")
+        assert cfg.method.lora.rank == 4 and list(cfg.method.lora.targets) == ["qkv"] and cfg.method.cosine_from_milestones
+        assert (cfg.method.loss.ce_weight, cfg.method.loss.rce_weight) == ((0.5, 0.5) if heavy else (1.0, 0.1))
+        assert cfg.optim.optimizer.weight_decay == cfg.method.ca.weight_decay == (0.0 if heavy else 5e-4)
+        assert cfg.optim.lr.representation == 1e-3 and not cfg.method.ca.mean_scaling
+    if method in ("slca", "slcapp"):
         assert cfg.method.ca.logit_norm_tau == (0.05 if bench == "cars196" else 0.1)
     if method == "seq_ft":
         assert cfg.optim.lr.representation == cfg.optim.lr.classifier
@@ -324,26 +364,41 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
     sizes = [len(str(v).split(",")) for v in cfg.hydra.sweeper.params.values()]
     assert len(jobs) == int(np.prod(sizes)) and len({tuple(j) for j in jobs}) == len(jobs)
     seeds = {int(o.split("=")[1]) for j in jobs for o in j if o.startswith("seed=")}
-    assert seeds == ({1993, 1996} if sweep in ("smoke", "slca_lr_curve_offline") else SEEDS)
-    experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("+experiment=")}
+    assert seeds == ({1993, 1996} if sweep in ("smoke", "slca_lr_curve_offline", "slca_ablation_offline") else
+                     {1993} if sweep == "diki_mtil_tiny" else SEEDS)
+    experiments = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("experiment=")}
     assert experiments <= set(EXPERIMENTS)
     if sweep.startswith("slca_lr_curve"):  # the learning-rate figure: methods x representation lrs
         lrs = {float(o.split("=")[1]) for j in jobs for o in j if o.startswith("optim.lr.representation=")}
         assert not experiments and min(lrs) <= 1e-5 and max(lrs) >= 1e-2 and len(lrs) >= 4
         assert {o.split("=")[1] for j in jobs for o in j if o.startswith("method=")} == {"slow_learner", "slca"}
+    elif sweep.startswith("slca_ablation"):  # rows = conf/ablation/*.yaml on the preset cells
+        rows = {o.split("=")[1] for j in jobs for o in j if o.startswith("+ablation=")}
+        assert "full" in rows and len(rows) >= 5 and all((CONF / "ablation" / f"{r}.yaml").is_file() for r in rows)
+    elif sweep == "slca_probe":
+        assert all("+method.probe.enabled=true" in [o.lower() for o in j] for j in jobs) and len(experiments) == 4
+    elif sweep.startswith("slcapp_"):
+        assert len(experiments) == 4 and all(e.startswith("slca/slcapp_") and e.endswith(sweep.split("_")[1])
+                                             for e in experiments)
     elif sweep.startswith("slca_"):
         assert len(experiments) == 16 and all(e.endswith(sweep.split("_")[1]) for e in experiments)
+    elif sweep == "diki_mtil_tiny":  # every row of the table on the tiny CPU benchmark
+        assert experiments == {f"diki/tiny_{m}" for m in ("zeroshot", "clip_ft", "zscl", "diki")}
+    elif sweep.startswith("diki_"):  # zero-shot, Continual-FT, ZSCL, DIKI on one benchmark
+        assert len(experiments) == 4 and len({e.rsplit("_", 1)[1] for e in experiments}) == 1
     elif sweep.startswith("prompts_"):  # tests/test_prompts.py checks these cells
         assert len(experiments) == 24 and all(e.startswith("prompts/") and e.endswith(sweep.split("_")[1]) for e in experiments)
-    elif sweep.startswith("diki_"):
-        assert len(experiments) == 3 and len({e.rsplit("_", 1)[1] for e in experiments}) == 1
     for job_overrides in (jobs[0], jobs[-1]):
         job = _compose([f"+sweep={sweep}", *job_overrides], hydra_cfg=True)
         assert job.seed == int(next(o for o in job_overrides if o.startswith("seed=")).split("=")[1])
         for o in job_overrides:  # every override of the job is in its composed config
             key, value = o.lstrip("+").split("=", 1)
-            if key not in ("experiment", "method", "data", "backbone", "optim"):
-                assert str(OmegaConf.select(job, key)) == str(float(value) if "lr" in key else value), o
+            if key not in ("experiment", "method", "data", "backbone", "optim", "ablation"):
+                got = OmegaConf.select(job, key)
+                want = str(float(value) if "lr" in key else value)
+                if isinstance(got, bool):  # +method.probe.enabled=true
+                    got, want = str(got).lower(), want.lower()
+                assert str(got) == want, o
     for job in jobs:  # every job's keys are read by some code (data and weights are not here)
         assert _key_problems(_compose([f"+sweep={sweep}", *job])) == [], job
 

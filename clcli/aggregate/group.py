@@ -44,7 +44,7 @@ CHOICE_ORDER = ("experiment", "method", "data", "backbone", "optim")
 # Row order follows the papers' tables: pre-training block, benchmark column order, method row order.
 DATA_RANK = {"split_cifar100": 0, "split_imagenet_r": 1, "split_cub200": 2, "split_cars196": 3,
              "mtil": 0, "mtil_order2": 1, "mtil_fewshot": 2}
-METHOD_RANK = {"zeroshot": 0, "seq_ft": 1, "clip_ft": 1, "frozen": 2, "slow_learner": 3, "slca": 4, "diki": 5,
+METHOD_RANK = {"zeroshot": 0, "seq_ft": 1, "clip_ft": 1, "frozen": 2, "slow_learner": 3, "slca": 4, "diki": 5, "zscl": 5,
                "joint": 9}
 
 DASH = "–"
@@ -122,6 +122,23 @@ class Group:
         return self.runs[0]["scenario"]["kind"]
 
     @property
+    def protocol(self) -> str | None:
+        """MTIL: the protocol the runs used (results.json ``scenario.protocol.name``; ``diki``, ``zscl``),
+        with the splits noted where ZSCL's own splits were not built for every dataset."""
+        p = self.runs[0]["scenario"].get("protocol")
+        if not isinstance(p, dict):
+            return None
+        name = str(p.get("name"))
+        splits = set((p.get("splits") or {}).values())
+        return f"{name} (CoOp splits)" if name == "zscl" and "coop" in splits else name
+
+    @property
+    def paper_protocol(self) -> str | None:
+        """The protocol the paper's numbers were measured under (``paper.protocol``), if given."""
+        v = (self.paper or {}).get("protocol")
+        return str(v) if v else None
+
+    @property
     def metrics(self) -> tuple[str, ...]:
         return headline_metrics(self.kind)
 
@@ -159,6 +176,11 @@ class Group:
     def paper_value(self, metric: str) -> float | None:
         v = (self.paper or {}).get(metric)
         return float(v) if is_number(v) else None
+
+    def paper_kind(self, metric: str) -> str | None:
+        """Where the paper value comes from (``paper.kinds``: table, figure, derived, secondary, recalled)."""
+        kind = ((self.paper or {}).get("kinds") or {}).get(metric)
+        return str(kind) if kind and self.paper_value(metric) is not None else None
 
     def paper_unverified(self, metric: str) -> bool:
         return metric in ((self.paper or {}).get("unverified") or [])

@@ -80,16 +80,19 @@ def _num(v: float | None) -> str:
 
 def render_csv(groups: list[Group]) -> str:
     """One row per group with raw numbers (full precision; empty = not available, e.g. std at n=1):
-    choices, seeds, per headline metric ``_mean/_std/_n/_paper/_paper_unverified/_diff``, MTIL
+    choices, seeds, per headline metric (and optional metric some run has, e.g. ``probe_last``)
+    ``_mean/_std/_n/_paper/_paper_unverified/_paper_kind/_diff``, MTIL
     per-dataset ``per_dataset.<metric>.<dataset>_mean/_std``, the paper's source and note."""
     choice_keys = ordered_choices(groups)
     kinds = ordered_kinds(g.kind for g in groups)
     metrics = list(dict.fromkeys(m for k in kinds for m in headline_metrics(k)))
+    metrics += [m for k in kinds for m in scenario_kind(k).optional
+                if m not in metrics and any(g.kind == k and g.stat(m).n for g in groups)]
     pd_cols = list(dict.fromkeys((m, name) for g in groups if scenario_kind(g.kind).per_dataset
                                  for m in g.metrics for name in g.task_names))
     header = ["group", "kind", *choice_keys, "config_diff", "seeds", "n_runs", "n_complete", "outcome"]
     for m in metrics:
-        header += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_paper_unverified", f"{m}_diff"]
+        header += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_paper_unverified", f"{m}_paper_kind", f"{m}_diff"]
     header += [f"per_dataset.{m}.{name}_{s}" for m, name in pd_cols for s in ("mean", "std")]
     header += ["paper_source", "paper_note", "result_files"]
     buf = io.StringIO()
@@ -100,11 +103,12 @@ def render_csv(groups: list[Group]) -> str:
                ";".join(f"{k}={fmt_value(v)}" for k, v in g.config_diff.items()),
                " ".join(map(str, g.seeds)), len(g.runs), len(g.complete), g.outcome]
         for m in metrics:
-            if m not in g.metrics:
-                row += [""] * 6
+            if m not in g.metrics and m not in scenario_kind(g.kind).optional:
+                row += [""] * 7
                 continue
             s, p = g.stat(m), g.paper_value(m)
             row += [_num(s.mean), _num(s.std), s.n, _num(p), str(g.paper_unverified(m)).lower() if p is not None else "",
+                    g.paper_kind(m) or "",
                     _num(s.mean - p) if p is not None and s.mean is not None else ""]
         names = g.task_names if scenario_kind(g.kind).per_dataset else ()
         for m, name in pd_cols:

@@ -1,13 +1,18 @@
 """Tables: the groups as renderer-agnostic tables of strings, beside the papers' numbers.
 
 When a group's runs carry a ``paper`` block (written from the experiment file's ``paper:`` key), the
-paper value and ``Δ = ours − paper`` stand beside each headline metric; values listed in
-``paper.unverified`` are marked ``*``; sources and notes go under the table. MTIL groups also get a
+paper value, its kind (``paper.kinds``: where the number comes from;
+docs/slca_protocol.md#experiment-presets-and-published-numbers) and ``Δ = ours − paper`` stand
+beside each headline metric; values listed in ``paper.unverified`` are marked ``*``; sources and
+notes go under the table. Optional metrics of the scenario kind
+(:attr:`clcli.evaluation.ScenarioKind.optional`, e.g. the representation probe's ``probe_last``)
+get a column when some group has them. MTIL groups also get a
 per-dataset table. The ``paper:`` block of an experiment file (conf/experiment/*/*.yaml)::
 
     paper:
       last_acc: 91.53        # keys = our metric names; null = not available here
       inc_acc: 94.09
+      kinds: {last_acc: figure, inc_acc: recalled}  # table | figure | derived | secondary | recalled
       unverified: [inc_acc]  # values no accessible source confirms (printed with *)
       source: "..."          # where each number comes from
       note: "..."            # caveats, or what to transcribe from which paper
@@ -68,6 +73,12 @@ OUTCOME_NOTE = ("outcome: runs that did not finish (e.g. diverged k/n) are left 
                 "runs where some task's training loss stayed at chance level (results.json warnings).")
 
 
+def _protocol_cell(g: Group) -> str:
+    """Our protocol, and the paper's where it differs (docs/diki_mtil_protocol.md#the-protocol-choice)."""
+    ours, theirs = g.protocol or DASH, g.paper_protocol
+    return ours if theirs is None or ours.split()[0] == theirs else f"{ours} (paper: {theirs})"
+
+
 def _title(kind: str, groups: list[Group]) -> str:
     common = " ".join(f"{k}={v}" for k, v in common_choices(groups).items())
     return f"{kind_title(kind)} results" + (f" [{common}]" if common else "")
@@ -77,23 +88,28 @@ def headline_table(groups: list[Group], kind: str) -> TextTable:
     """Rows = groups of one scenario kind; per headline metric ``mean ± std (n=K)`` and, where any
     group has a paper value for it, ``paper`` and ``Δ`` (ours − paper) columns."""
     gs = [g for g in groups if g.kind == kind]
-    metrics = headline_metrics(kind)
+    metrics = tuple(headline_metrics(kind)) + tuple(
+        m for m in scenario_kind(kind).optional if any(g.stat(m).n for g in gs))
     with_paper = {m: any(g.paper_value(m) is not None for g in gs) for m in metrics}
+    with_kind = {m: any(g.paper_kind(m) for g in gs) for m in metrics}
     with_outcome = any(g.outcome for g in gs)
-    header = ["group", "seeds"] + (["outcome"] if with_outcome else [])
+    with_protocol = any(g.protocol for g in gs)  # MTIL: which protocol (templates, splits) each row used
+    header = ["group", "seeds"] + (["protocol"] if with_protocol else []) + (["outcome"] if with_outcome else [])
     for m in metrics:
         header.append(m)
         if with_paper[m]:
-            header += [f"{m} paper", f"{m} Δ"]
+            header += [f"{m} paper"] + ([f"{m} kind"] if with_kind[m] else []) + [f"{m} Δ"]
     rows = []
     for g in gs:
-        row = [g.label, ",".join(map(str, g.seeds))] + ([g.outcome or DASH] if with_outcome else [])
+        row = [g.label, ",".join(map(str, g.seeds))] + ([_protocol_cell(g)] if with_protocol else []) + \
+            ([g.outcome or DASH] if with_outcome else [])
         for m in metrics:
             s = g.stat(m)
             row.append(s.text())
             if with_paper[m]:
                 p = g.paper_value(m)
-                row += [_paper_cell(g, m), DASH if p is None or s.mean is None else _signed(s.mean - p)]
+                row += [_paper_cell(g, m)] + ([g.paper_kind(m) or DASH] if with_kind[m] else [])
+                row += [DASH if p is None or s.mean is None else _signed(s.mean - p)]
         rows.append(row)
     notes = [STAT_NOTE] + ([OUTCOME_NOTE] if with_outcome else [])
     return TextTable(_title(kind, gs), header, rows, [*notes, *_paper_notes(gs)])

@@ -7,7 +7,7 @@ weights or data are loaded.
 from __future__ import annotations
 
 from clcli.data.base import Source
-from clcli.data.scenario import Scenario, build_class_incremental, task_sizes
+from clcli.data.scenario import CLASS_INCREMENTAL, Scenario, build_class_incremental, task_sizes
 from clcli.data.transforms import RECIPES, build_transforms
 
 
@@ -17,6 +17,8 @@ class ClassIncrementalData:
     ``initial_increment`` classes in the first task, then ``increment`` per task, the remainder
     last; ``num_tasks`` (optional) states the expected count so a mistake is caught early.
     """
+
+    kind = CLASS_INCREMENTAL  # what it builds, known before building (method/scenario checks in validate)
 
     def __init__(self, name: str, source: Source, initial_increment: int, increment: int,
                  class_order_seed: int, shuffle_classes: bool = True, transform: str = "backbone",

@@ -120,6 +120,24 @@ def few_shot(split: SplitData, shots: int, seed: int) -> SplitData:
     return split.subset(sorted(picked))
 
 
+def few_shot_reference(split: SplitData, shots: int, rng: random.Random) -> SplitData:
+    """``shots`` items per label drawn as DIKI's code (CoOp's ``generate_fewshot_dataset``) draws them
+    (docs/diki_mtil_protocol.md#few-shot-draws): labels are visited in the order they *first appear*
+    in the split's item list, each draws ``rng.sample(items_of_label, shots)`` from the caller's
+    stream (the reference: the global ``random`` seeded 42 once), and a label with fewer than
+    ``shots`` items keeps all of them. The items keep the draw order (label by label, sampled
+    order), as the reference's list does. ``rng`` is advanced: the next draw continues the stream."""
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    by_label: dict[int, list[int]] = {}
+    for i, lab in enumerate(np.asarray(split.labels).tolist()):
+        by_label.setdefault(int(lab), []).append(i)
+    picked: list[int] = []
+    for idx in by_label.values():  # insertion order = first appearance
+        picked.extend(rng.sample(idx, shots) if len(idx) >= shots else idx)
+    return split.subset(picked)
+
+
 def fewshot_val_shots(shots: int) -> int:
     """Shots of the few-shot *validation* split: ``min(shots, 4)``."""
     return min(shots, 4)
@@ -389,6 +407,44 @@ MTIL_DATASETS: dict[str, MTILDataset] = {
                f"SUN397(<dir>, download=True), which creates <dir>/SUN397; {_COOP}"),
 }
 MTIL_DEFAULT_DIRS: dict[str, str] = {name: d.folder for name, d in MTIL_DATASETS.items()}
+
+# The template lists ZSCL evaluates with (its ``protocol=zscl`` ensemble, docs/diki_mtil_protocol.md#the-protocol-choice):
+# CLIP's published prompt lists per dataset; the first entry of each is DIKI's single template (the
+# ``template`` of MTIL_DATASETS) and is also ZSCL's training prompt. Counts 2/34/18/8/3/1/1/1/1/9/2.
+# Cars: "…, a type of car." followed by CLIP's eight car prompts (the count of 9 is ZSCL's; the list is
+# our reading of it).
+_OBJECT_34 = tuple(f"{p} {{c}}{e}" for p, e in [
+    ("a photo of a", "."), ("a painting of a", "."), ("a plastic", "."), ("a sculpture of a", "."),
+    ("a sketch of a", "."), ("a tattoo of a", "."), ("a toy", "."), ("a rendition of a", "."),
+    ("a embroidered", "."), ("a cartoon", "."), ("a", " in a video game."), ("a plushie", "."),
+    ("a origami", "."), ("art of a", "."), ("graffiti of a", "."), ("a drawing of a", "."),
+    ("a doodle of a", "."), ("a photo of the", "."), ("a painting of the", "."), ("the plastic", "."),
+    ("a sculpture of the", "."), ("a sketch of the", "."), ("a tattoo of the", "."), ("the toy", "."),
+    ("a rendition of the", "."), ("the embroidered", "."), ("the cartoon", "."), ("the", " in a video game."),
+    ("the plushie", "."), ("the origami", "."), ("art of the", "."), ("graffiti of the", "."),
+    ("a drawing of the", "."), ("a doodle of the", ".")])
+_CIFAR_18 = tuple(f"a {q}photo of {a} {s}{{c}}." for a in ("a", "the") for q, s in [
+    ("", ""), ("blurry ", ""), ("black and white ", ""), ("low contrast ", ""), ("high contrast ", ""),
+    ("bad ", ""), ("good ", ""), ("", "small "), ("", "big ")])
+ZSCL_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "aircraft": ("a photo of a {c}, a type of aircraft.", "a photo of the {c}, a type of aircraft."),
+    "caltech101": _OBJECT_34,
+    "cifar100": _CIFAR_18,
+    "dtd": tuple(f"a photo of {a} {{c}} {w}." for a in ("a", "the") for w in ("texture", "pattern", "thing", "object")),
+    "eurosat": ("a centered satellite photo of {c}.", "a centered satellite photo of a {c}.",
+                "a centered satellite photo of the {c}."),
+    "flowers": ("a photo of a {c}, a type of flower.",),
+    "food": ("a photo of a {c}, a type of food.",),
+    "mnist": ('a photo of the number: "{c}".',),
+    "oxford_pet": ("a photo of a {c}, a type of pet.",),
+    "cars": ("a photo of a {c}, a type of car.", "a photo of a {c}.", "a photo of the {c}.", "a photo of my {c}.",
+             "i love my {c}!", "a photo of my dirty {c}.", "a photo of my clean {c}.", "a photo of my new {c}.",
+             "a photo of my old {c}."),
+    "sun397": ("a photo of a {c}.", "a photo of the {c}."),
+}
+# Datasets whose ZSCL split is read here (protocol=zscl): the official train set as the training set,
+# no val carve-out. The other nine keep the CoOp split under protocol=zscl (recorded in the manifest).
+ZSCL_OFFICIAL_TRAIN = ("cifar100", "mnist")
 
 
 # ----------------------------------------------------------------------------------------------

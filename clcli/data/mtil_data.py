@@ -17,14 +17,42 @@ Both use the backbone's deterministic test transform for every split
 """
 from __future__ import annotations
 
+import logging
 import os
+import random
 from collections.abc import Sequence
 from typing import Any
 
 from clcli.data import mtil
 from clcli.data.base import SourceInfo, SplitData
-from clcli.data.scenario import Scenario, build_domain_incremental
+from clcli.data.scenario import DOMAIN_CLASS_INCREMENTAL, Scenario, build_domain_incremental
 from clcli.data.synthetic import SyntheticSource
+
+log = logging.getLogger("clcli")
+
+# The MTIL protocols (docs/diki_mtil_protocol.md#the-protocol-choice): which prompts evaluate and which
+# splits train/test. ``diki`` (default): DIKI's single first template and CoOp splits. ``zscl``: ZSCL's
+# template ensemble at evaluation (training keeps the first template) and ZSCL's splits where built here.
+PROTOCOLS = ("diki", "zscl")
+
+
+def protocol_problems(protocol) -> list[str]:
+    if protocol not in PROTOCOLS:
+        return [f"data.protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}. diki = single template "
+                "and CoOp splits (DIKI's protocol); zscl = template ensemble at evaluation and ZSCL's splits "
+                "(the protocol of the published ZSCL / MoE-Adapters / Continual-FT rows)."]
+    return []
+
+
+def _apply_protocol(scenario: Scenario, protocol: str, ensembles: dict[str, Sequence[str]],
+                    splits: dict[str, str]) -> Scenario:
+    """Give every task its evaluation templates under ``protocol`` and record the protocol in the
+    scenario (results.json ``scenario.protocol``; ``clcli table`` shows it)."""
+    for task in scenario.tasks:
+        task.eval_templates = list(ensembles[task.name]) if protocol == "zscl" else None
+    scenario.protocol = {"name": protocol, "eval_templates": "ensemble" if protocol == "zscl" else "first",
+                         "splits": dict(splits)}
+    return scenario
 
 
 def _eval_transform(backbone):
@@ -38,14 +66,16 @@ def _eval_transform(backbone):
 
 
 class FewShotView:
-    """A source seen through the few-shot protocol (docs/diki_mtil_protocol.md#few-shot-variant):
-    ``shots`` training items per class and ``min(shots, 4)`` validation items per class, drawn with
-    dedicated seeded RNGs (:func:`clcli.data.mtil.few_shot`, independent of the global ``random``
-    state); the test split is untouched. Subsets are drawn once and cached, so train and val stay
-    fixed for the whole run."""
+    """A source seen through the few-shot protocol (docs/diki_mtil_protocol.md#few-shot-draws):
+    ``shots`` training items per class and ``min(shots, 4)`` validation items per class, drawn by the
+    reference's rule (:func:`clcli.data.mtil.few_shot_reference`) from ``rng`` — by default a private
+    ``random.Random(seed)``; :class:`MTILData` passes one stream shared by all datasets, drawn in
+    training order, train before val, as the reference's global ``random`` is. The test split is
+    untouched. Subsets are drawn once and cached, so train and val stay fixed for the whole run."""
 
-    def __init__(self, source: Any, shots: int, seed: int):
+    def __init__(self, source: Any, shots: int, seed: int, rng: random.Random | None = None):
         self.source, self.shots, self.seed = source, int(shots), int(seed)
+        self.rng = rng if rng is not None else random.Random(self.seed)  # shared across datasets by MTILData
         self._cache: dict[str, SplitData] = {}
 
     @property
@@ -60,9 +90,8 @@ class FewShotView:
             return self.source.load("test")
         if split not in self._cache:
             shots = self.shots if split == "train" else mtil.fewshot_val_shots(self.shots)
-            # A different stream for val than for train (seed + 1): the two splits are disjoint
-            # anyway, the offset only keeps the draws from being correlated by construction.
-            self._cache[split] = mtil.few_shot(self.source.load(split), shots, self.seed + (split == "val"))
+            # The reference's rule and stream: train, then val, from one RNG (few_shot_reference).
+            self._cache[split] = mtil.few_shot_reference(self.source.load(split), shots, self.rng)
         return self._cache[split]
 
 
@@ -77,7 +106,10 @@ class MTILData:
             dataset names from :data:`clcli.data.mtil.MTIL_DATASETS`.
         num_shots: ``-1`` = full training sets; ``k >= 1`` = ``k`` training and ``min(k, 4)``
             validation images per class (MTIL-FS: 16), test sets untouched.
-        few_shot_seed: seed of the few-shot draws (a dedicated RNG; docs/diki_mtil_protocol.md#few-shot-variant).
+        few_shot_seed: seed of the few-shot draws: one ``random.Random(few_shot_seed)`` stream for all
+            datasets in training order, train then val of each (the reference: 42;
+            docs/diki_mtil_protocol.md#few-shot-draws). ``${seed}`` draws per run seed, so that a
+            spread over seeds includes sampling variance.
         split_seed: seed of the per-class 80/20 train/val split of CIFAR100 and MNIST (drawn once; the
             reference re-draws it per construction, docs/diki_mtil_protocol.md#splits-and-data-layout).
         data_dir: folder holding one sub-folder per dataset (config ``paths.data_dir``).
@@ -87,11 +119,18 @@ class MTILData:
             docs/diki_mtil_protocol.md#training).
         download: let torchvision download CIFAR100 / MNIST on first use (the other nine datasets must
             be prepared by hand; ``clcli validate`` prints the layout and where to get each).
+        protocol: ``diki`` (single template, CoOp splits) or ``zscl`` (template ensemble at evaluation,
+            :data:`clcli.data.mtil.ZSCL_TEMPLATES`; ZSCL's split for CIFAR100 / MNIST — the whole
+            official train set, no val; the other nine keep the CoOp split, recorded per dataset in
+            results.json ``scenario.protocol.splits``). docs/diki_mtil_protocol.md#the-protocol-choice.
     """
 
-    def __init__(self, name: str, order: str | Sequence[str] = "I", num_shots: int = -1, few_shot_seed: int = 1,
+    kind = DOMAIN_CLASS_INCREMENTAL
+
+    def __init__(self, name: str, order: str | Sequence[str] = "I", num_shots: int = -1, few_shot_seed: int = 42,
                  split_seed: int = 42, data_dir: str = "data", dirs: dict | None = None, with_val: bool = True,
-                 download: bool = False):
+                 download: bool = False, protocol: str = "diki"):
+        self.protocol = protocol
         self.name = name
         self.order = order if isinstance(order, str) else [str(d) for d in order]
         self.num_shots, self.few_shot_seed, self.split_seed = num_shots, few_shot_seed, split_seed
@@ -118,6 +157,7 @@ class MTILData:
         dupes = sorted({d for d in names if names.count(d) > 1})
         if dupes:
             out.append(f"data.order: dataset(s) {dupes} appear more than once.")
+        out += protocol_problems(self.protocol)
         if not names and not out:
             out.append("data.order: the dataset list is empty.")
         extra = sorted(set(self.dirs) - set(mtil.MTIL_DATASETS))
@@ -128,12 +168,18 @@ class MTILData:
             out.append(f"data.num_shots: -1 (full training sets) or an integer >= 1, got {self.num_shots!r}.")
         return out
 
+    def _zscl_split(self, d: str) -> bool:
+        return self.protocol == "zscl" and d in mtil.ZSCL_OFFICIAL_TRAIN
+
     def _sources(self) -> list[tuple[str, Any]]:
-        return [
-            (d, mtil.make_mtil_source(d, self.data_dir, root=os.path.join(self.data_dir, self.dirs[d]),
-                                      split_seed=self.split_seed, download=self.download))
-            for d in self.datasets
-        ]
+        out = []
+        for d in self.datasets:
+            src = mtil.make_mtil_source(d, self.data_dir, root=os.path.join(self.data_dir, self.dirs[d]),
+                                        split_seed=self.split_seed, download=self.download)
+            if self._zscl_split(d):
+                src.val_fraction = 0.0  # ZSCL trains on the whole official train set
+            out.append((d, src))
+        return out
 
     def problems(self) -> list[str]:
         """Config mistakes, then every missing dataset folder / split file with its layout (stats
@@ -147,12 +193,23 @@ class MTILData:
 
     def build(self, backbone) -> Scenario:
         sources = []
+        rng = random.Random(self.few_shot_seed)  # one stream, datasets in training order (the reference)
         for d, source in self._sources():
             if self.num_shots != -1:
-                source = FewShotView(source, self.num_shots, self.few_shot_seed)
+                source = FewShotView(source, self.num_shots, self.few_shot_seed, rng=rng)
+                source.load("train")  # draw now, in order: train, then val, dataset after dataset
+                if not self._zscl_split(d):
+                    source.load("val")
             sources.append((d, source, None))
-        return build_domain_incremental(sources, name=self.name, transform=_eval_transform(backbone),
-                                        with_val=self.with_val)
+        splits = {d: "zscl" if self._zscl_split(d) else "coop" for d in self.datasets}
+        if self.protocol == "zscl" and any(v == "coop" for v in splits.values()):
+            log.warning("data.protocol=zscl: ZSCL's own splits are built for %s only; %s keep the CoOp split "
+                        "(recorded in results.json scenario.protocol.splits)", ", ".join(mtil.ZSCL_OFFICIAL_TRAIN),
+                        ", ".join(d for d, v in splits.items() if v == "coop"))
+        with_val = self.with_val and not any(self._zscl_split(d) for d in self.datasets)
+        scenario = build_domain_incremental(sources, name=self.name, transform=_eval_transform(backbone),
+                                            with_val=with_val)
+        return _apply_protocol(scenario, self.protocol, mtil.ZSCL_TEMPLATES, splits)
 
 
 # Each synthetic dataset differs from the others in prompts (prefix, template) and image statistics
@@ -175,10 +232,12 @@ class SyntheticMTILData:
     pixel noise ``noise`` (:class:`clcli.data.synthetic.SyntheticSource`).
     """
 
+    kind = DOMAIN_CLASS_INCREMENTAL
+
     def __init__(self, name: str = "synthetic_mtil", datasets: Sequence[dict] | None = None,
                  train_per_class: int = 16, val_per_class: int = 4, test_per_class: int = 8,
-                 image_size: int = 32, noise: float = 0.25, with_val: bool = True):
-        self.name = name
+                 image_size: int = 32, noise: float = 0.25, with_val: bool = True, protocol: str = "diki"):
+        self.name, self.protocol = name, protocol
         self.datasets = [dict(d) for d in (datasets if datasets is not None else DEFAULT_SYNTHETIC_DATASETS)]
         self.train_per_class, self.val_per_class, self.test_per_class = train_per_class, val_per_class, test_per_class
         self.image_size, self.noise, self.with_val = image_size, noise, with_val
@@ -200,7 +259,13 @@ class SyntheticMTILData:
             out.append("data.val_per_class: must be >= 1 when data.with_val is true.")
         if self.train_per_class < 2 or self.test_per_class < 1:
             out.append("data.train_per_class must be >= 2 and data.test_per_class >= 1.")
-        return out
+        return out + protocol_problems(self.protocol)
+
+    def ensembles(self) -> dict[str, list[str]]:
+        """Each dataset's evaluation templates under ``protocol=zscl``: its ``ensemble`` list, or by
+        default its template plus two generic ones (a stand-in for ZSCL's lists)."""
+        return {str(d["name"]): list(d.get("ensemble") or [str(d["template"]), "a photo of the {c}.", "an image of a {c}."])
+                for d in self.datasets}
 
     def sources(self) -> list[tuple[str, SyntheticSource]]:
         return [
@@ -214,5 +279,6 @@ class SyntheticMTILData:
         ]
 
     def build(self, backbone) -> Scenario:
-        return build_domain_incremental([(n, s, None) for n, s in self.sources()], name=self.name,
-                                        transform=_eval_transform(backbone), with_val=self.with_val)
+        scenario = build_domain_incremental([(n, s, None) for n, s in self.sources()], name=self.name,
+                                            transform=_eval_transform(backbone), with_val=self.with_val)
+        return _apply_protocol(scenario, self.protocol, self.ensembles(), {n: "synthetic" for n, _ in self.sources()})

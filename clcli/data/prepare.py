@@ -1,4 +1,5 @@
-"""``clcli data prepare NAME --src DIR --dst DIR``: build the folder layouts the benchmarks read.
+"""``clcli data prepare NAME --src DIR --dst DIR``: build the folder layouts the benchmarks read
+(``clcli data download NAME --dst DIR`` fetches the archive first: :mod:`clcli.data.download`).
 
 - ``imagenet_r``: DualPrompt's split used by SLCA (docs/slca_protocol.md#benchmarks-and-data-layout):
   ImageFolder order over the 200 wnid folders, ``torch.manual_seed(42)``, ``randperm(N)``; the first
@@ -69,7 +70,27 @@ def main(argv: list[str]) -> None:
     prep.add_argument("name", choices=sorted(PREPARERS))
     prep.add_argument("--src", required=True, type=Path, help="the extracted download")
     prep.add_argument("--dst", required=True, type=Path, help="the benchmark folder under paths.data_dir")
+    down = sub.add_parser("download", help="download, verify, extract and prepare a benchmark (resumable)")
+    down.add_argument("name", choices=sorted(PREPARERS))
+    down.add_argument("--dst", required=True, type=Path, help="the benchmark folder under paths.data_dir")
+    down.add_argument("--url", help="download from this URL instead (default: the official one, or the archive's name "
+                      "under $CLCLI_DATA_MIRROR)")
+    check = down.add_mutually_exclusive_group()
+    check.add_argument("--md5", help="expected MD5 of the archive (default: the official archive's)")
+    check.add_argument("--sha256", help="expected SHA-256 of the archive, instead of the known MD5")
+    down.add_argument("--keep-archive", action="store_true", help="keep the verified archive in <dst>.download/")
     args = parser.parse_args(argv)
+    if args.command == "download":
+        from clcli.data.download import download
+        from clcli.errors import ClcliError
+
+        try:
+            print(download(args.name, args.dst, url=args.url, md5=args.md5, sha256=args.sha256,
+                           keep_archive=args.keep_archive))
+        except ClcliError as exc:
+            print(f"clcli data: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return
     if not args.src.is_dir():
         print(f"clcli data: --src '{args.src}' is not a directory", file=sys.stderr)
         sys.exit(2)

@@ -39,6 +39,9 @@ class Task:
     test: ImageDataset
     val: ImageDataset | None = None
     templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
+    # Evaluation prompts: None = the first template (DIKI's protocol); a list = the template ensemble
+    # (ZSCL's protocol, docs/diki_mtil_protocol.md#the-protocol-choice). Training always uses the first.
+    eval_templates: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -48,6 +51,13 @@ class Task:
         """The task's class prompts with its first template, ``_`` replaced by spaces
         (docs/diki_mtil_protocol.md#class-names-and-prompt-templates)."""
         return [self.templates[0].format(c=name).replace("_", " ") for name in self.class_names]
+
+    def eval_prompt_sets(self) -> list[list[str]]:
+        """The class prompts the evaluation classifier averages over, one list per template: just
+        ``[prompts()]`` unless the protocol sets ``eval_templates`` (the ensemble)."""
+        if not self.eval_templates:
+            return [self.prompts()]
+        return [[t.format(c=name).replace("_", " ") for name in self.class_names] for t in self.eval_templates]
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Scenario:
     kind: ScenarioKind
     tasks: list[Task]
     class_order: list[int]  # source class ids in label order (CIL); [] where not meaningful
+    protocol: dict | None = None  # MTIL: which protocol (templates, splits) the data follow; in the manifest
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -106,6 +117,7 @@ class Scenario:
             "name": self.name,
             "kind": self.kind.name,
             "class_order": list(map(int, self.class_order)),
+            **({"protocol": self.protocol} if self.protocol else {}),
             "tasks": [
                 {
                     "index": t.index,

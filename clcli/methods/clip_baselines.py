@@ -9,23 +9,30 @@ classifier head: the text features of the class prompts are the classifier.
 - :class:`ZeroShotCLIP` (``method=zeroshot``): frozen CLIP, predict only — the "Zero-shot" row, and
   the reference DIKI's Transfer should approach (docs/diki_mtil_protocol.md#published-numbers).
 - :class:`ContinualCLIPFT` (``method=clip_ft``): the "Continual-FT" row — both encoders fine-tuned on
-  each dataset in turn with CE over its classes, no protection against forgetting.
+  each dataset in turn with CE over its classes, no protection against forgetting; epoch-based (ours)
+  or ZSCL's published recipe (``optim=mtil_zscl``: 1,000 AdamW iterations at batch 64, warm-up +
+  cosine, label smoothing 0.2, random resized crop, per-dataset lrs;
+  docs/diki_mtil_protocol.md#continual-ft-zscl-recipe).
+- The evaluation classifier follows the scenario's protocol (:meth:`PromptBank.classifier`): the
+  first template, or the normalised mean of the template ensemble (docs/diki_mtil_protocol.md#the-protocol-choice).
 - :class:`PromptBank`, :func:`cosine_logits`, :func:`clip_problems`, :func:`classifier_lr_problems`: shared
   with :mod:`clcli.methods.diki`.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 
 from clcli import optim as optim_lib
 from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.cache import mode_problems as feature_cache_problems
 from clcli.data.scenario import Scenario, Task
-from clcli.engine import Runtime, fit
+from clcli.engine import Runtime, fit, fit_iterations
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
 from clcli.models.clip import ClipBackbone
@@ -86,12 +93,40 @@ class PromptBank:
         self._all = backbone.tokenize(prompts)  # [N, 77] on CPU: ~1,200 prompts for MTIL
         self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
+        # Evaluation prompt sets (one per template) of every task whose protocol sets an ensemble.
+        self._ensembles = {(t.labels.start, t.labels.stop): t.eval_prompt_sets() for t in scenario.tasks
+                           if getattr(t, "eval_templates", None)}
+        self._ensemble_cache: dict[tuple[int, int, str], list[torch.Tensor]] = {}
+
     def tokens(self, candidates: range, device: torch.device | str) -> torch.Tensor:
+        """The training prompts (first template) of ``candidates``, truncated, on ``device``."""
         key = (candidates.start, candidates.stop, str(device))
         if key not in self._cache:
             rows = self._all[candidates.start : candidates.stop]
             self._cache[key] = self.backbone.truncate_tokens(rows).to(device)
         return self._cache[key]
+
+    def ensemble(self, candidates: range) -> bool:
+        """Whether ``candidates`` (one dataset's labels) are evaluated with a template ensemble."""
+        return (candidates.start, candidates.stop) in self._ensembles
+
+    def classifier(self, encode_text: Callable[[torch.Tensor], torch.Tensor], candidates: range,
+                   device: torch.device | str) -> torch.Tensor:
+        """The evaluation text classifier ``[C, D]`` of ``candidates`` under the scenario's protocol
+        (docs/diki_mtil_protocol.md#the-protocol-choice), with any text encoder ``encode_text``
+        (normalised features of token rows — a method passes its own, e.g. through its adapters):
+        ``encode_text(tokens(candidates))`` for the single template; for an ensemble, every template's
+        prompts are encoded and L2-normalised, averaged over the templates, and the mean re-normalised
+        (ZSCL's zero-shot head). A method honours the protocol by building its classifier here."""
+        key = (candidates.start, candidates.stop)
+        if key not in self._ensembles:
+            return encode_text(self.tokens(candidates, device))
+        ck = (*key, str(device))
+        if ck not in self._ensemble_cache:
+            self._ensemble_cache[ck] = [self.backbone.truncate_tokens(self.backbone.tokenize(p)).to(device)
+                                        for p in self._ensembles[key]]
+        feats = torch.stack([F.normalize(encode_text(tok).float(), dim=-1) for tok in self._ensemble_cache[ck]])
+        return F.normalize(feats.mean(dim=0), dim=-1)
 
 
 class _PromptClassifierCLIP:
@@ -119,7 +154,7 @@ class _PromptClassifierCLIP:
     def predict(self, batch: EvalBatch) -> torch.Tensor:
         c = batch.candidates
         if (c.start, c.stop) not in self._text:
-            self._text[c.start, c.stop] = self.backbone.encode_text(self.bank.tokens(c, self.rt.device))
+            self._text[c.start, c.stop] = self.bank.classifier(self.backbone.encode_text, c, self.rt.device)
         return cosine_logits(self.image_features(batch), self._text[c.start, c.stop], self.backbone.logit_scale)
 
     def image_features(self, batch: EvalBatch) -> torch.Tensor:
@@ -170,70 +205,170 @@ class ZeroShotCLIP(_PromptClassifierCLIP):
                 "feature_cache": self.frozen.report()}
 
 
+AUGMENTS = ("none", "zscl_rrc")
+
+
+def zscl_train_transform(backbone: ClipBackbone):
+    """ZSCL's training augmentation (``method.augment: zscl_rrc``,
+    docs/diki_mtil_protocol.md#continual-ft-zscl-recipe): ``RandomResizedCrop(size, scale=(0.9, 1.0))``
+    with bicubic resampling, ``ToTensor``, the backbone's normalisation; no flip. The image is
+    already RGB (:func:`clcli.data.images.load_image`)."""
+    from torchvision import transforms as T
+
+    cfg = backbone.model.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else tuple(cfg["size"])
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(tuple(cfg["mean"]), tuple(cfg["std"])),
+    ])
+
+
+class FineTuneLoss(nn.Module):
+    """Continual-FT's training loss, the module :func:`clcli.engine.fit` / :func:`~clcli.engine.fit_iterations`
+    train (through DDP in a multi-process run): CE, with ``label_smoothing`` (ZSCL's recipe: 0.2), over
+    the task's classes (global labels shifted by ``start``) of ``scale · cos(image, prompt text)``;
+    ``scale`` defaults to the backbone's constant exp(logit_scale). The text tower is part of the model
+    being fine-tuned, so the prompts are re-encoded every step
+    (docs/diki_mtil_protocol.md#continual-ft-zscl-recipe)."""
+
+    def __init__(self, backbone: ClipBackbone, tokens: torch.Tensor, start: int, scale: float | None = None,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.backbone, self.tokens, self.start = backbone, tokens, start
+        self.scale = backbone.logit_scale if scale is None else scale
+        self.label_smoothing = float(label_smoothing)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(self.backbone.encode_image(x), self.backbone.encode_text(self.tokens), self.scale)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(x), y - self.start, label_smoothing=self.label_smoothing)
+
+
+def lr_by_dataset_problems(lr_by_dataset, method: str) -> list[str]:
+    if lr_by_dataset is None:
+        return []
+    if not hasattr(lr_by_dataset, "items"):
+        return [f"method.lr_by_dataset: expected a mapping dataset name -> lr (e.g. {{aircraft: 5.0e-5}}), "
+                f"got {lr_by_dataset!r}."]
+    return [f"method.lr_by_dataset.{k}: {method} fine-tunes that dataset with it; must be a number > 0, got {v!r}."
+            for k, v in lr_by_dataset.items()
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0]
+
+
 class ContinualCLIPFT(_PromptClassifierCLIP):
     """Continual fine-tuning of the whole CLIP, image and text encoders (the MTIL "Continual-FT" row).
 
     Per task: CE over the current dataset's classes with ``logit_scale · cos(image, prompt text)``,
     every encoder weight trainable (``exp(logit_scale)`` stays at the checkpoint's value), nothing
-    done against forgetting. Learning rate ``optim.lr.representation`` (``conf/method/clip_ft.yaml``
-    sets 1e-5), schedule, epochs and batch size from ``cfg.optim``; the optimizer is ``optim.optimizer``
-    (``conf/method/clip_ft.yaml`` selects ``optim/optimizer=adamw``: PyTorch's default betas, no weight
-    decay). A fresh optimizer every task.
+    done against forgetting; a fresh optimizer (``optim.optimizer``, AdamW) every task.
+
+    Two schedules (docs/diki_mtil_protocol.md#continual-ft-zscl-recipe):
+
+    - epoch-based (``optim=mtil``, clcli's own row): ``optim.epochs`` at ``optim.batch_size``;
+    - ZSCL's published recipe (``optim=mtil_zscl`` with ``method.augment=zscl_rrc`` and
+      ``method.lr_by_dataset``, as the ``diki/clip_ft_*`` presets set): ``optim.iterations`` = 1000
+      (steps 0..1000, the loader cycled), batch 64, ``warmup_cosine`` (100 warm-up steps, cosine to 0),
+      weight decay 0, ``optim.label_smoothing`` 0.2, random resized crop, lr 5e-5 for Aircraft and
+      MNIST and ``optim.lr.representation`` = 1e-5 for the others.
+
+    Args:
+        lr_by_dataset: dataset name -> lr; datasets not listed use ``optim.lr.representation``.
+        augment: ``none`` (the test transform, DIKI's protocol) or ``zscl_rrc`` (:func:`zscl_train_transform`).
 
     Precision: an fp16 backbone (``backbone.precision=fp16``, DIKI's setting) is converted to fp32
-    master weights here, because pure-fp16 full fine-tuning loses small updates; use
-    ``precision=bf16`` (autocast) for speed. These hyper-parameters are ours, not ZSCL's protocol.
+    master weights here (ZSCL trains in fp32), because pure-fp16 full fine-tuning loses small
+    updates; ``precision=bf16`` (autocast) is a faster, documented deviation.
     """
 
-    def __init__(self, backbone, optim, runtime: Runtime):
-        problems = self.config_problems(optim, type(backbone))
+    name = "clip_ft"
+
+    def __init__(self, backbone, optim, runtime: Runtime, lr_by_dataset: dict | None = None, augment: str = "none"):
+        problems = self.ft_problems(optim, type(backbone), lr_by_dataset=lr_by_dataset, augment=augment)
         if problems:
             raise ConfigError(problems)
         if backbone.dtype != torch.float32:
-            log.warning("clip_ft: converting the %s backbone to fp32 master weights for fine-tuning", backbone.dtype)
+            log.warning("%s: converting the %s backbone to fp32 master weights for fine-tuning", self.name, backbone.dtype)
             backbone.model.float()
             backbone.precision = "fp32"
             if isinstance(getattr(backbone, "weights_identity", None), dict):  # results.json tells the truth
-                backbone.weights_identity["precision"] = "fp32 (converted by clip_ft for fine-tuning)"
+                backbone.weights_identity["precision"] = f"fp32 (converted by {self.name} for fine-tuning)"
         self.backbone = backbone.to(runtime.device)
         self.optim, self.rt = optim, runtime
+        self.lr_by_dataset = {str(k): float(v) for k, v in dict(lr_by_dataset or {}).items()}
+        self.augment = augment
         self.bank: PromptBank | None = None
         self._text: dict[tuple[int, int], torch.Tensor] = {}
         self.history: list[dict] = []
 
-    @staticmethod
-    def config_problems(optim, backbone=None, **_) -> list[str]:
-        """Problems of the method's backbone and learning rates (also run by ``clcli validate``)."""
-        problems = clip_problems(backbone, "clip_ft") + classifier_lr_problems(optim, "clip_ft")
+    @classmethod
+    def config_problems(cls, optim, backbone=None, *, lr_by_dataset=None, augment="none", **_) -> list[str]:
+        """Problems of the method's backbone, learning rates and augmentation (also run by ``clcli validate``)."""
+        return cls.ft_problems(optim, backbone, lr_by_dataset=lr_by_dataset, augment=augment)
+
+    @classmethod
+    def ft_problems(cls, optim, backbone=None, *, lr_by_dataset=None, augment="none") -> list[str]:
+        """The fine-tuning keys' problems (shared with the methods built on this class)."""
+        name = getattr(cls, "name", "clip_ft")
+        problems = clip_problems(backbone, name) + classifier_lr_problems(optim, name)
         if not_positive(optim, "lr.representation"):
-            problems.append("optim.lr.representation: clip_ft fine-tunes CLIP with it; must be > 0.")
+            problems.append(f"optim.lr.representation: {name} fine-tunes CLIP with it; must be > 0.")
+        problems += lr_by_dataset_problems(lr_by_dataset, name)
+        if augment not in AUGMENTS:
+            problems.append(f"method.augment: expected one of {', '.join(AUGMENTS)} (zscl_rrc = ZSCL's random "
+                            f"resized crop), got {augment!r}.")
         return problems
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.backbone.model.named_parameters() if n != "logit_scale"]
+
+    def task_lr(self, task: Task) -> float:
+        """``method.lr_by_dataset[task.name]``, else ``optim.lr.representation``."""
+        return self.lr_by_dataset.get(task.name, float(self.optim.lr.representation))
+
+    def make_step(self, task: Task) -> nn.Module:
+        """The task's loss module: :class:`FineTuneLoss` (a subclass adds its terms)."""
+        return FineTuneLoss(self.backbone, self.bank.tokens(task.labels, self.rt.device), task.labels.start,
+                          self.backbone.logit_scale, self.optim.get("label_smoothing") or 0.0)
+
+    def train_data(self, task: Task):
+        return task.train.with_transform(zscl_train_transform(self.backbone)) if self.augment == "zscl_rrc" else task.train
 
     def train_task(self, task: Task) -> None:
         o, rt = self.optim, self.rt
         params = self._trainable()
         for p in params:
             p.requires_grad_(True)
-        opt = optim_lib.make_optimizer(o, [(params, float(o.lr.representation))])
-        loader = rt.loader(task.train, o.batch_size, shuffle=True)
+        lr = self.task_lr(task)
+        opt = optim_lib.make_optimizer(o, [(params, lr)])
+        loader = rt.loader(self.train_data(task), o.batch_size, shuffle=True)
         sched = optim_lib.make_scheduler(o, opt, len(loader))
-        tokens = self.bank.tokens(task.labels, rt.device)
-        start, scale = task.labels.start, self.backbone.logit_scale
-
-        def step(x, y):
-            # The text tower is part of the model being fine-tuned: re-encode the prompts every step.
-            logits = cosine_logits(self.backbone.encode_image(x), self.backbone.encode_text(tokens), scale)
-            return F.cross_entropy(logits, y - start)
-
-        losses = fit(step, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=rt,
-                     where=f"task {task.index} ({task.name})", num_classes=task.num_classes)
+        step = self.make_step(task)
+        self.begin_training(task, step)
+        where = f"task {task.index} ({task.name})"
+        if o.get("iterations") is not None:  # ZSCL's iteration-based task (clcli.engine.fit_iterations)
+            losses = fit_iterations(step, loader, iterations=int(o.iterations), optimizer=opt, scheduler=sched, rt=rt,
+                                    where=where, num_classes=task.num_classes, after_step=self.after_step)
+        else:
+            losses = fit(step, loader, epochs=o.epochs, optimizer=opt, scheduler=sched, rt=rt,
+                         where=where, num_classes=task.num_classes)
         for p in params:
             p.requires_grad_(False)
         self._text.clear()  # the encoders changed
-        self.history.append({"task": task.index, "name": task.name, "train_loss": losses})
+        self.history.append({"task": task.index, "name": task.name, "lr": lr, "train_loss": losses,
+                             **self.end_training(task)})
+
+    # Hooks for methods built on this loop (clcli.methods.zscl): before the first step, after every
+    # optimizer step (iteration mode), and after the last (returns facts for the task's history).
+    def begin_training(self, task: Task, step: nn.Module) -> None:
+        """Nothing for plain fine-tuning."""
+
+    def after_step(self, s: int) -> None:
+        """Nothing for plain fine-tuning."""
+
+    def end_training(self, task: Task) -> dict:
+        return {}
 
     def state_dict(self) -> dict:
         return {"model": self.backbone.model.state_dict(), "history": list(self.history)}
@@ -244,8 +379,14 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
         self._text.clear()
 
     def summary(self) -> dict:
+        o = self.optim
         return {
             "trainable_parameters": sum(p.numel() for p in self._trainable()),
-            "optimizer": self.optim.optimizer.get("_target_"),
+            "optimizer": o.optimizer.get("_target_"),
+            "schedule": {"iterations": o.get("iterations"), "epochs": None if o.get("iterations") is not None
+                         else o.get("epochs"), "batch_size": o.batch_size, "schedule": o.schedule,
+                         "warmup": o.get("warmup"), "label_smoothing": o.get("label_smoothing") or 0.0},
+            "augment": self.augment,
+            "lr_by_dataset": dict(self.lr_by_dataset),
             "tasks": self.history,
         }

@@ -52,6 +52,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from clcli import distributed
 from clcli import optim as optim_lib
 from clcli.cache import FeatureCache, FrozenEvalFeatures
 from clcli.cache import mode_problems as feature_cache_problems
@@ -109,6 +110,24 @@ def _resolve_depth(value, blocks: int, key: str, model_name: str, problems: list
             f"method.{key} to at most {blocks}, or null (DIKI's {DIKI_DEPTH}, capped at the block count)."
         )
     return value
+
+
+class TaskLoss(torch.nn.Module):
+    """DIKI's training loss for task ``task``, the module :func:`clcli.engine.fit` trains (through DDP
+    in a multi-process run): CE over the task's classes of ``logit_scale · cos(image, prompt text)``
+    with the oracle task and weight 1 (the reference's frozen-feature pass is skipped, §7 item 1). The
+    text features of the task's prompts go through its text residuals with gradient, re-encoded every
+    step (§7 item 7). Only task ``task``'s residual pools require a gradient
+    (``pools.freeze_all_but``), and a step uses all of them; DDP ignores the frozen CLIP."""
+
+    def __init__(self, model: DikiClip, task: int, tokens: torch.Tensor, start: int):
+        super().__init__()
+        self.model, self.task, self.tokens, self.start = model, task, tokens, start
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        img = self.model.encode_image(x, task=self.task)
+        txt = self.model.encode_text(self.tokens, task=self.task)
+        return F.cross_entropy(cosine_logits(img, txt, self.model.logit_scale), y - self.start)
 
 
 class DIKI:
@@ -198,13 +217,19 @@ class DIKI:
         return problems
 
     # ------------------------------------------------------------------ protocol
+    @staticmethod
+    def scenario_problems(kind, data_name: str = "") -> list[str]:
+        """DIKI needs each dataset evaluated over its own classes (``clcli validate`` asks before
+        anything is built, :meth:`prepare_scenario` again on the built scenario)."""
+        if kind.task_label_space:
+            return []
+        return [f"method=diki needs a domain-class incremental (MTIL) scenario, where each dataset is evaluated "
+                f"over its own classes; data={data_name} is {kind.name}. Use data=mtil, mtil_order2, mtil_fewshot "
+                "or synthetic_mtil."]
+
     def prepare_scenario(self, scenario: Scenario) -> Scenario:
-        if not scenario.kind.task_label_space:
-            raise ConfigError([
-                f"method=diki needs a domain-class incremental (MTIL) scenario, where each dataset is "
-                f"evaluated over its own classes; data={scenario.name} is {scenario.kind.name}. Use data=mtil, "
-                "mtil_order2, mtil_fewshot or synthetic_mtil."
-            ])
+        if problems := self.scenario_problems(scenario.kind, scenario.name):
+            raise ConfigError(problems)
         self.bank = PromptBank(self.backbone, scenario)
         return scenario
 
@@ -233,14 +258,8 @@ class DIKI:
         params = self.model.residual_parameters(t)
         loader = rt.loader(task.train, o.batch_size, shuffle=True)
         opt, sched = self.make_optimizer(params, len(loader))
-        tokens = self.bank.tokens(task.labels, rt.device)
-        start, scale = task.labels.start, self.model.logit_scale
-
-        def step(x, y):
-            # Oracle task, weight 1 (None); the frozen-feature pass of the reference is skipped (§7 item 1).
-            img = self.model.encode_image(x, task=t)
-            txt = self.model.encode_text(tokens, task=t)  # with gradient: re-encoded every step (§7 item 7)
-            return F.cross_entropy(cosine_logits(img, txt, scale), y - start)
+        # built (and, multi-process, wrapped in DDP) once for the task's epochs: only task t's residuals train
+        net = distributed.data_parallel(TaskLoss(self.model, t, self.bank.tokens(task.labels, rt.device), task.labels.start))
 
         use_val = self.select_best_on_val and task.val is not None and len(task.val) > 0
         record = {"task": t, "name": task.name, "lr_start": opt.param_groups[0]["lr"], "train_loss": [],
@@ -249,7 +268,7 @@ class DIKI:
         for epoch in range(o.epochs):
             # One epoch per fit() call so that validation can run between epochs; the per-step
             # schedule lives in `sched` and continues across calls.
-            record["train_loss"] += fit(step, loader, epochs=1, optimizer=opt, scheduler=sched, rt=rt,
+            record["train_loss"] += fit(net, loader, epochs=1, optimizer=opt, scheduler=sched, rt=rt,
                                         where=f"task {t} ({task.name}) [{epoch + 1}/{o.epochs}]",
                                         num_classes=task.num_classes)
             if use_val:

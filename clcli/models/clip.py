@@ -145,11 +145,15 @@ class ClipBackbone(nn.Module):
     """
 
     @staticmethod
-    def config_problems(checkpoint_path=None, **_) -> list[str]:
-        """Problems of the backbone's keys found without building it (``clcli validate``)."""
+    def config_problems(checkpoint_path=None, pretrained=None, model_name=None, cache_dir=None, **_) -> list[str]:
+        """Problems of the backbone's keys found without building it (``clcli validate``): a missing
+        weights file, and a pretrained tag whose weights are not in the local cache."""
         from clcli.models.timm_backbone import checkpoint_problems
 
-        return checkpoint_problems(checkpoint_path)
+        problems = checkpoint_problems(checkpoint_path)
+        if pretrained and not checkpoint_path and model_name:
+            problems += clip_weights_problems(model_name, pretrained, cache_dir)
+        return problems
 
     def __init__(
         self,
@@ -355,6 +359,38 @@ def _check_request(
                 f"(open_clip only warns). Fix: {fix}."
             )
     return quick_gelu
+
+
+def clip_weights_problems(model_name: str, pretrained: str, cache_dir: str | None = None) -> list[str]:
+    """Whether the weights of open_clip's tag ``pretrained`` are available offline, where
+    ``open_clip.create_model`` looks (``open_clip.pretrained.download_pretrained``): the tag's
+    ``file``, else its hub repo ``hf_hub`` (``org/name/[file]``, default file
+    ``open_clip_pytorch_model.bin``) in the Hugging Face cache (``cache_dir`` when set), else its
+    ``url`` in ``cache_dir`` or ``~/.cache/clip``. An unknown tag is the constructor's error."""
+    from clcli.models.timm_backbone import hub_weight_files, hub_weights_problem
+
+    if ":" in model_name:  # 'hf-hub:' / 'local-dir:' schemas: not a tag of open_clip's table
+        return []
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    what = f"backbone.pretrained={pretrained!r} (open_clip {model_name!r})"
+    hint = "backbone.checkpoint_path=<weights file> and backbone.pretrained=null"
+    if not cfg:
+        return []
+    if cfg.get("file"):
+        return [] if os.path.isfile(cfg["file"]) else [f"{what}: the tag's file '{cfg['file']}' does not exist; "
+                                                       f"set {hint}."]
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        repo, filename = os.path.split(cfg["hf_hub"])
+        return hub_weights_problem(what, repo, hub_weight_files(filename or "open_clip_pytorch_model.bin", (".bin", ".pth")),
+                                   cache_dir, hint)
+    if cfg.get("url"):
+        target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        if target.is_file():
+            return []
+        return [f"{what}: the weights '{target}' are not cached and the run would download them from {cfg['url']}, which "
+                f"fails without network access. Fix: download that URL into '{target.parent}' where the network is "
+                f"reachable and copy it here, or set {hint}."]
+    return []
 
 
 def _load_error(model_name: str, pretrained: str | None, checkpoint_path: str | None, err: Exception) -> BackboneError:

@@ -12,12 +12,17 @@ class TaskHeads(nn.Module):
 
     New heads: weight ~ trunc_normal(std .02) (bounds ±2, effectively untruncated), bias 0. Adding a
     head freezes the older ones (stage 1 trains only the current head).
+
+    ``scales``: one input scale per head, 1 by default; head k computes ``head_k(scales[k]·x)``.
+    SLCA++ sets them on the aligned copy before evaluation (:func:`feature_scales`,
+    docs/slca_protocol.md#slca-alignment-and-feature-scales); all 1 is the plain concatenation.
     """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
         self.heads = nn.ModuleList()
+        self.scales: list[float] = []
 
     def add_task(self, num_classes: int, freeze_old: bool = True) -> nn.Linear:
         if freeze_old:
@@ -28,6 +33,7 @@ class TaskHeads(nn.Module):
         nn.init.zeros_(head.bias)
         device = next(self.parameters()).device if len(self.heads) else None
         self.heads.append(head.to(device) if device is not None else head)
+        self.scales.append(1.0)
         return head
 
     @property
@@ -42,8 +48,17 @@ class TaskHeads(nn.Module):
         return out
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.cat([h(features) for h in self.heads], dim=1)
+        if all(s == 1.0 for s in self.scales):
+            return torch.cat([h(features) for h in self.heads], dim=1)
+        return torch.cat([h(features * s if s != 1.0 else features) for h, s in zip(self.heads, self.scales)], dim=1)
 
     def copy(self) -> TaskHeads:
         """An independent deep copy (SLCA's ``backup()``)."""
         return copy.deepcopy(self)
+
+
+def feature_scales(num_heads: int, mu: float) -> list[float]:
+    """SLCA++'s inference-time input scales after alignment at task T = ``num_heads`` − 1: old head
+    k < T gets ``1 + mu·(T − k)``, the current head 1 (docs/slca_protocol.md#slca-alignment-and-feature-scales)."""
+    T = num_heads - 1
+    return [1.0 + mu * (T - k) if k < T else 1.0 for k in range(num_heads)]

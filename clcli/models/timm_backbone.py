@@ -7,8 +7,11 @@ size, interpolation, normalization); a data recipe may still impose a protocol's
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -69,6 +72,119 @@ def checkpoint_problems(checkpoint_path: str | None) -> list[str]:
     return []
 
 
+# Safetensors files timm and open_clip fetch first, before the file a pretrained config names.
+_SAFE_ALTERNATIVES = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+
+
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as ``huggingface_hub`` resolves it (``HF_HUB_CACHE``, legacy
+    ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``/hub, ``XDG_CACHE_HOME``/huggingface/hub), read from the
+    environment now: ``huggingface_hub.constants`` reads it once, at import."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def hub_weight_files(filename: str, twins: tuple[str, ...] = (".bin",)) -> list[str]:
+    """The files timm (``twins=('.bin',)``) / open_clip (``('.bin', '.pth')``) accept for ``filename``:
+    its safetensors twin first, then itself."""
+    safe = _SAFE_ALTERNATIVES.get(filename) or (filename[:-4] + ".safetensors" if filename.endswith(twins) else None)
+    return [safe, filename] if safe else [filename]
+
+
+def cached_hub_file(repo: str, filenames: list[str], cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The first of ``filenames`` of the hub repo ``repo`` (``org/name[@revision]``) in the local
+    cache, or None. No network: ``huggingface_hub.try_to_load_from_cache`` only reads the cache layout
+    (``models--org--name/refs/<rev>`` and ``snapshots/<commit>/<file>``)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    for name in filenames:
+        path = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir or hf_hub_cache_dir(), revision=revision or None)
+        if isinstance(path, str):  # None: not cached; _CACHED_NO_EXIST: known to be absent
+            return path
+    return None
+
+
+@functools.cache
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a download from ``url`` could start: False with ``HF_HUB_OFFLINE=1`` (offline by
+    choice) or when no TCP connection to its host opens within ``timeout`` seconds. A probe, not a
+    download: without network it fails in well under a second (no DNS), where the hub client itself
+    hangs for about a minute before giving up."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+    except (OSError, TypeError):
+        return False
+    return True
+
+
+def hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_weights_problem(what: str, repo: str, filenames: list[str], cache_dir: str | os.PathLike | None,
+                        checkpoint_fix: str) -> list[str]:
+    """A ``clcli validate`` problem when the hub weights of ``what`` are not cached and the hub cannot
+    be reached (or ``HF_HUB_OFFLINE=1``): the run would try to download them at its start and fail
+    (or hang). With the hub reachable the run downloads them itself, so that is no problem."""
+    if cached_hub_file(repo, filenames, cache_dir) or host_reachable(hf_endpoint()):
+        return []
+    cache = Path(cache_dir) if cache_dir else hf_hub_cache_dir()
+    repo_id, _, revision = repo.partition("@")
+    rev = f", revision={revision!r}" if revision else ""
+    return [
+        f"{what}: the pretrained weights are not on this machine: neither in the Hugging Face cache '{cache}' "
+        f"(hub repo '{repo_id}', file {' or '.join(repr(f) for f in filenames)}) nor given as backbone.checkpoint_path, "
+        "so the run would try to download them when it starts, which fails without network access. Fix: download them "
+        f"once where the hub is reachable: `hf download {repo_id} {filenames[0]}{f' --revision {revision}' if revision else ''}"
+        f"{f' --cache-dir {cache_dir}' if cache_dir else ''}` (older huggingface_hub: huggingface-cli download ...; or "
+        f"python -c \"from huggingface_hub import hf_hub_download; hf_hub_download({repo_id!r}, {filenames[0]!r}{rev})\") "
+        "and copy that cache to this machine (HF_HOME or HF_HUB_CACHE; HF_HUB_OFFLINE=1 keeps runs from calling the hub); "
+        f"or set {checkpoint_fix}."
+    ]
+
+
+def timm_weights_problems(model_name: str, model_kwargs: dict | None = None) -> list[str]:
+    """Whether timm's pretrained weights for ``model_name`` (``arch.tag``) are available offline:
+    where ``timm.create_model(pretrained=True)`` would look (timm's ``_resolve_pretrained_source``:
+    a ``file``, else the hub repo ``hf_hub_id``, else the ``url`` in torch's hub cache)."""
+    import timm.models
+
+    what = f"backbone.pretrained=true (timm '{model_name}')"
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as exc:  # an unknown tag
+        return [f"backbone.model_name: {exc} Known tags: timm.list_pretrained('{model_name.split('.')[0]}*')."]
+    if cfg is None:
+        return [f"backbone.model_name: timm has no pretrained weights for '{model_name}' (timm.list_pretrained() lists "
+                "them); set backbone.pretrained=false or backbone.checkpoint_path=<weights file>."]
+    cfg = {**cfg.to_dict(), **dict((model_kwargs or {}).get("pretrained_cfg_overlay") or {})}
+    hint = f"backbone.checkpoint_path=<a timm state dict (.pth) of {cfg.get('architecture') or model_name}>"
+    if cfg.get("file"):
+        if Path(cfg["file"]).is_file():
+            return []
+        return [f"{what}: its pretrained_cfg file '{cfg['file']}' does not exist; fix the path or set "
+                f"{hint}."]
+    if cfg.get("hf_hub_id"):
+        name = cfg.get("hf_hub_filename")
+        names = [name] if name and cfg.get("custom_load") == "hf" else hub_weight_files(name or "pytorch_model.bin")
+        return hub_weights_problem(what, cfg["hf_hub_id"], names, None, hint)
+    if cfg.get("url"):
+        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg["url"].split("?")[0])
+        if target.is_file() or host_reachable(cfg["url"]):
+            return []
+        return [f"{what}: the weights '{target}' are not cached and the run would download them from {cfg['url']}, "
+                f"which is not reachable from here. Fix: download that URL into '{target.parent}' where the network "
+                f"is reachable and copy it here, or set {hint}."]
+    return [f"backbone.pretrained=true: timm lists no weights source for '{model_name}'; set backbone.pretrained=false "
+            "or backbone.checkpoint_path=<weights file>."]
+
+
 class TimmBackbone(nn.Module):
     """A timm model used as a feature extractor.
 
@@ -77,7 +193,8 @@ class TimmBackbone(nn.Module):
       onto timm's ``efficientnet_lite0`` (same tensors, other names) and loaded strictly;
     - ``checkpoint_path``: a local file (e.g. MoCo v3 ``vit-b-300ep`` converted to DeiT keys), loaded
       strictly except for classifier-head keys;
-    - ``pretrained: true``: timm's pretrained tag (downloaded from the hub where reachable);
+    - ``pretrained: true``: timm's pretrained tag, from the local Hugging Face cache (``clcli validate``
+      reports weights that are not cached: :func:`timm_weights_problems`);
     - otherwise random initialization (tiny test models).
 
     ``reinit_final_norm`` replaces a ViT's final LayerNorm by a fresh ``LayerNorm(eps=1e-5)`` (SLCA,
@@ -145,9 +262,14 @@ class TimmBackbone(nn.Module):
         self.crop_pct = float(cfg.get("crop_pct", 0.875))
 
     @staticmethod
-    def config_problems(checkpoint_path=None, **_) -> list[str]:
-        """Problems of the backbone's keys found without building it (``clcli validate``)."""
-        return checkpoint_problems(checkpoint_path)
+    def config_problems(checkpoint_path=None, pretrained=False, weights=None, model_name=None, model_kwargs=None,
+                        **_) -> list[str]:
+        """Problems of the backbone's keys found without building it (``clcli validate``): a missing
+        weights file, and hub weights (``pretrained: true``) that are not in the local cache."""
+        problems = checkpoint_problems(checkpoint_path)
+        if pretrained and not checkpoint_path and not weights and model_name:
+            problems += timm_weights_problems(model_name, model_kwargs)
+        return problems
 
     def _load_by_position(self, sd: dict[str, torch.Tensor]) -> None:
         own = self._own_keys_with_head()
