@@ -5,7 +5,8 @@ on the same backbone; the training step it hands to ``clcli.engine.fit`` is capt
 forward (query pass + prompted pass, or SLCA's one pass) + backward + optimizer step, on the same
 random batch. Inference: ``predict`` on a batch with the query computed (not served from the test-set
 cache). Timings alternate between the methods over several rounds and report the median per method,
-so that a slow phase of a shared machine hits every method alike; one run prints every ratio.
+so that a slow phase of a shared machine hits every method alike; one run prints every ratio, and
+last, as the other benchmark scripts, ``ratio: <SLCA step / mean prompt-method step>``.
 
     python scripts/bench_prompts.py     # ViT 112 px / patch 8 (197 tokens, as ViT-B/16 at 224), width 192, depth 6, batch 16
     python scripts/bench_prompts.py --threads 2 --rounds 7
@@ -128,6 +129,9 @@ def main(argv=None) -> None:
         t, i = statistics.median(train[name]), statistics.median(infer[name])
         params = m.summary().get("trainable_prompt_parameters", "-") if name != "slca" else "- (full backbone)"
         print(f"{name:<12} {1000 * t:>14.1f} {t / base_t:>8.2f} {1000 * i:>11.1f} {i / base_i:>8.2f}  {params}")
+    prompt_steps = [statistics.median(train[n]) for n in METHODS if n != "slca"]
+    print("last line, as the other benchmark scripts: SLCA's training step / the prompt methods' mean step")
+    print(f"ratio: {base_t / statistics.mean(prompt_steps):.2f}")
 
 
 if __name__ == "__main__":

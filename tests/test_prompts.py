@@ -681,3 +681,22 @@ def test_clcli_table_prints_the_prompt_rows_beside_slca(tmp_path, capsys):
     for label in ("method=slca", "method=l2p", "method=dualprompt", "method=coda_prompt"):
         match = [r for k, r in rows.items() if k.startswith(label)]
         assert match and "1993" in match[0] and "± – (n=1)" in match[0], (label, out)
+
+
+@pytest.mark.slow
+def test_the_cost_benchmark_runs_at_toy_size():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_prompts.py"), "--img", "32", "--dim", "64",
+                           "--heads", "2", "--batch", "4", "--steps", "1", "--rounds", "1"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = ("slca", "l2p", "dualprompt", "coda_prompt")
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.split()[:1] in ([n] for n in names)}
+    assert set(rows) == {"slca", "l2p", "dualprompt", "coda_prompt"} and rows["slca"][2] == "1.00"
+    assert re.fullmatch(r"ratio: \d+\.\d+", proc.stdout.strip().splitlines()[-1])
