@@ -47,6 +47,22 @@ STATE_KIND = "clcli-gaussian-stats"  # tags a state dict so that checkpoint code
 SAMPLE_CHUNK = 64  # keys per sampling step at most (noise buffer: 64 x n x D floats; 50 MB at 256 x 768)
 
 
+TRIANGLE_BLOCKS = 4  # column blocks of ε·Lᵀ in lower_matmul
+
+
+def lower_matmul(e: torch.Tensor, L: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = e @ L.mT`` for lower-triangular ``L [m, D, D]`` (zeros above the diagonal, as
+    ``torch.linalg.cholesky`` returns) and ``e [m, n, D]``, skipping the upper triangle's zero blocks: output columns ``c0:c1`` need only ``e[..., :c1]`` (row ``c`` of ``L`` is zero past
+    ``c``), so ``TRIANGLE_BLOCKS`` = 4 column blocks do 5/8 of a dense product's work. Measured on 2
+    CPU cores (200 classes, n = 256, D = 768): 0.206-0.211 s vs 0.217-0.250 s dense. torch has no
+    batched triangular matmul (BLAS trmm) to call instead."""
+    d = L.shape[-1]
+    bounds = [d * i // TRIANGLE_BLOCKS for i in range(TRIANGLE_BLOCKS + 1)]
+    for c0, c1 in zip(bounds[:-1], bounds[1:]):
+        torch.bmm(e[..., :c1], L[:, c0:c1, :c1].transpose(1, 2), out=out[..., c0:c1])
+    return out
+
+
 class GaussianStats:
     """Per-key streaming sums, then means, covariances, Cholesky factors, sampling, log-density.
 
@@ -212,7 +228,7 @@ class GaussianStats:
                 noise.fill_normal(e, seed, first=start)
             L = self._blocks[b]["chol"][r : r + m].to(device=device, dtype=dtype)
             xs = x[start : start + m]
-            torch.bmm(e, L.transpose(1, 2), out=xs)  # ε·Lᵀ, then + μ̃ (the reference's order: loc + L·ε)
+            lower_matmul(e, L, out=xs)  # ε·Lᵀ, then + μ̃ (the reference's order: loc + L·ε)
             xs += mu[start : start + m, None, :]
         labels = torch.tensor(keys, dtype=torch.long, device=device).repeat_interleave(n)
         return x.view(-1, d), labels

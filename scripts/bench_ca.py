@@ -17,7 +17,9 @@ The last line is ``ratio: <baseline / clcli>`` (alignment time of one task).
 factorisation time and sampling time per epoch next to the floor measured in the same run (one batched
 float32 matmul [C, n, D] x [C, D, D] in a process holding just its operands), then the default
 comparison and its ratio. Times are the best epoch (of ``--rounds`` alternating process pairs for the
-table): on a shared machine the least disturbed one.
+table): on a shared machine the least disturbed one. ``clcli`` is imported before torch, so this process
+and its children (baseline, clcli and floor alike) run with the OpenMP spin setting every clcli run
+has (``GOMP_SPINCOUNT``, see ``clcli/__init__.py``).
 
     python scripts/bench_ca.py [--classes 200] [--dim 768] [--samples 256] [--epochs 5] [--device cpu]
     python scripts/bench_ca.py --scaling [--scaling-classes 100,200,400,800,1000] [--scaling-epochs 3]
@@ -32,9 +34,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # clcli from this checkout
+
+import clcli  # noqa: E402,F401 - before torch: its OpenMP setting (GOMP_SPINCOUNT), as in every clcli run
+
+# isort: split
+import torch  # noqa: E402
 
 from clcli import noise  # noqa: E402
 from clcli.stats import GaussianStats  # noqa: E402

@@ -276,3 +276,33 @@ def test_sample_refills_the_given_buffer_with_fresh_draws():
     assert y.data_ptr() == x.data_ptr() and not torch.equal(y, first)
     z, _ = s.sample([1], 8, out=x)  # another shape: a new tensor, the buffer untouched
     assert z.data_ptr() != x.data_ptr() and z.shape == (8, 16)
+
+
+def test_lower_matmul_equals_the_dense_product_for_any_width():
+    """The column-blocked product over the lower triangle equals e @ L.mT (float64: exactly the same
+    non-zero terms), also when D is not a multiple of the block count; ``out`` is wholly written."""
+    from clcli.stats import lower_matmul
+
+    g = torch.Generator().manual_seed(0)
+    for d in (1, 5, 50):
+        L = torch.randn(3, d, d, generator=g, dtype=torch.float64).tril()
+        e = torch.randn(3, 7, d, generator=g, dtype=torch.float64)
+        dense = e @ L.mT
+        out = torch.full((3, 7, d), float("nan"), dtype=torch.float64)
+        torch.testing.assert_close(lower_matmul(e, L, out=out), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_importing_clcli_sets_the_openmp_spin_before_torch_and_keeps_a_user_value():
+    """``import clcli`` sets GOMP_SPINCOUNT (read by libgomp when torch loads, so clcli/__init__ must not
+    import torch first) unless the user set it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, os, clcli; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "30000"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "7"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["False", "7"]
