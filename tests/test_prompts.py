@@ -493,6 +493,41 @@ def test_a_cnn_backbone_is_refused_with_the_fix():
     assert "prompts cannot be inserted into a CNN" in text and "backbone=vit_b16_in21k" in text
 
 
+@pytest.mark.parametrize("method", ["l2p", "dualprompt", "coda_prompt", "slcapp"])
+def test_validate_refuses_the_default_cnn_backbone_before_building_anything(method, monkeypatch):
+    """`clcli validate method=X` on the offline default backbone (EfficientNet-Lite0, a timm CNN behind
+    the same TimmBackbone class as the ViTs) names backbone.model_name and the fix, from timm's
+    registry alone: building a model or a backbone here fails the test."""
+    import timm
+
+    def never(*_, **__):
+        raise AssertionError("validate built a model")
+
+    monkeypatch.setattr(timm, "create_model", never)
+    monkeypatch.setattr(TimmBackbone, "__init__", never)
+    cfg = compose([f"method={method}", "device=cpu"])
+    assert cfg.backbone.model_name == "efficientnet_lite0"  # the shipped default
+    bad = [p for p in check_config(cfg) if p.startswith("backbone.model_name:")]
+    assert len(bad) == 1 and f"method={method}" in bad[0] and "'efficientnet_lite0'" in bad[0], bad
+    assert "backbone=vit_b16_in21k" in bad[0] and "tiny_vit" in bad[0]
+    vit = compose([f"method={method}", "device=cpu", "data=synthetic", "backbone=tiny_vit"])
+    assert not [p for p in check_config(vit) if p.startswith("backbone")]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224.augreg_in21k", "deit_tiny_patch16_224",
+                                  "vit_tiny_r_s16_p8_224", "efficientnet_lite0", "resnet18", "tiny_vit_5m_224",
+                                  "eva02_tiny_patch14_224", "convit_tiny"])
+def test_the_registry_check_agrees_with_the_built_model(name):
+    """Reference: the class of the model timm builds (random weights, no download)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from clcli.models.vit_config import vit_config_problems
+
+    built = isinstance(timm.create_model(name, pretrained=False), VisionTransformer)
+    assert (vit_config_problems("l2p", "inserts prompts into", TimmBackbone, {"model_name": name}) == []) == built
+
+
 @pytest.mark.parametrize("overrides,problem", [
     (["method=l2p", "method.prompt.top_k=20"], "method.prompt.top_k=20 exceeds method.prompt.pool_size=10"),
     (["method=l2p", "+method.prompt.topk=2"], "method.prompt.topk: unknown key, nothing reads it. Did you mean "

@@ -38,13 +38,13 @@ from clcli.methods.base import EvalBatch
 from clcli.models.heads import TaskHeads
 from clcli.models.prompt_pools import POOLS, PromptOutput, PromptPool
 from clcli.models.prompting import encode, vit_problems
+from clcli.models.vit_config import VIT_BACKBONES, vit_config_problems
 from clcli.stats import GaussianStats
 
 log = logging.getLogger("clcli")
 
 FEATURE_PATHS = ("inference", "own_prompt")
 PROMPT_CA_KEYS = (*CA_KEYS, "feature_path")
-VIT_BACKBONES = "backbone=vit_b16_in21k, vit_b16_mocov3 or tiny_vit"
 
 
 def head_input(model: nn.Module, images: torch.Tensor, out: PromptOutput, pool: PromptPool) -> torch.Tensor:
@@ -137,11 +137,13 @@ class PromptMethod:
     # ------------------------------------------------------------------ checks
     @staticmethod
     def config_problems(optim, backbone=None, *, kind=None, prompt=None, batchwise=None, clip_grad_norm=None, ca=None,
-                        stats=None, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
+                        stats=None, feature_cache="memory", feature_cache_dir=None, backbone_cfg=None,
+                        **_) -> list[str]:
         """Problems of the prompt methods' keys (``clcli validate`` and the constructor): ``kind``, the
         pool's ``prompt.*`` and ``batchwise.*``, ``clip_grad_norm``, ``ca.*`` / ``stats.*`` (SLCA's,
-        plus ``ca.feature_path``), both learning rates, the feature cache, and a timm backbone (a ViT;
-        the model itself is checked when it is built)."""
+        plus ``ca.feature_path``), both learning rates, the feature cache, and a timm ViT backbone
+        (its class, and with ``backbone_cfg`` its ``model_name`` in timm's registry; the built model
+        is checked by :meth:`backbone_problems`)."""
         if kind not in POOLS:
             return [f"method.kind: expected one of {', '.join(POOLS)}, got {kind!r}; choose the method with "
                     "method=l2p, method=dualprompt or method=coda_prompt."]
@@ -159,12 +161,7 @@ class PromptMethod:
                                 f"(e.g. +optim.lr.{key}=0.001).")
             else:
                 select_number(optim, f"lr.{key}", problems, label=f"optim.lr.{key}", minimum=0, strict=True)
-        if backbone is not None:
-            from clcli.models.timm_backbone import TimmBackbone
-
-            if not (isinstance(backbone, type) and issubclass(backbone, TimmBackbone)):
-                problems.append(f"backbone: method={kind} inserts prompts into a timm ViT ({VIT_BACKBONES}); got "
-                                f"{getattr(backbone, '__name__', backbone)}.")
+        problems += vit_config_problems(kind, "inserts prompts into", backbone, backbone_cfg)
         return problems + feature_cache_problems(feature_cache, feature_cache_dir)
 
     @staticmethod
