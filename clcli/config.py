@@ -5,9 +5,9 @@ Hydra refuses an unknown key in ``key=value`` (struct mode), but ``+key=value`` 
 (:data:`clcli.optim.OPTIM_KEYS`) and, for a component with a ``_target_`` (``method``, ``backbone``,
 ``data``, ``data.source``, ``optim.optimizer``), the arguments of its target. Then come the checks
 that need meaning: generic ranges and schedules here, and the checks each component owns: the
-method's ``config_problems(optim, backbone_class, **keys)`` (its nested keys, the learning rates and
-backbone it needs), the backbone's ``config_problems(**keys)`` (weights files), the data's
-``problems()`` (task splits, missing data). ``clcli validate <overrides>`` prints them;
+method's ``config_problems(optim, backbone_class, backbone_cfg=..., **keys)`` (its nested keys, the
+learning rates and backbone it needs), the backbone's ``config_problems(**keys)`` (weights files), the
+data's ``problems()`` (task splits, missing data). ``clcli validate <overrides>`` prints them;
 ``clcli train`` runs them first.
 """
 from __future__ import annotations
@@ -209,10 +209,10 @@ def key_problems(cfg: DictConfig) -> list[str]:
 # ----------------------------------------------------------------------------------- owners' checks
 
 
-def _owner_problems(cfg: DictConfig, group: str, *args) -> list[str]:
+def _owner_problems(cfg: DictConfig, group: str, *args, **extra) -> list[str]:
     """The ``config_problems`` of the class ``cfg.<group>`` builds (the same checks its constructor
-    runs), called with ``args`` and the group's keys, so that ``clcli validate`` reports them without
-    loading anything."""
+    runs), called with ``args``, the group's keys and ``extra`` keywords, so that ``clcli validate``
+    reports them without loading anything."""
     node = cfg[group]
     target = node.get("_target_")
     try:
@@ -226,7 +226,7 @@ def _owner_problems(cfg: DictConfig, group: str, *args) -> list[str]:
         kwargs = OmegaConf.to_container(node, resolve=True)
         for key in HYDRA_KEYS:
             kwargs.pop(key, None)
-        return list(check(*args, **kwargs))
+        return list(check(*args, **kwargs, **extra))
     except Exception as exc:  # noqa: BLE001 - e.g. a missing (???) value: reported, never raised
         return [f"{group}: cannot check the keys of {target} ({type(exc).__name__}: {exc})."]
 
@@ -304,12 +304,13 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.append(f"checkpoint.keep: expected all or last, got '{cfg.checkpoint.keep}'.")
     problems += _optim_problems(cfg)
 
-    # the components' own checks: the method (given the backbone's class), the backbone, the data
+    # the components' own checks: the method (given the backbone's class and config node: e.g. a
+    # prompt method reads backbone.model_name to refuse a CNN), the backbone, the data
     try:
         backbone_cls = target_class(cfg.backbone.get("_target_"))
     except Exception:  # noqa: BLE001 - key_problems reports it
         backbone_cls = None
-    problems += _owner_problems(cfg, "method", cfg.optim, backbone_cls)
+    problems += _owner_problems(cfg, "method", cfg.optim, backbone_cls, backbone_cfg=cfg.backbone)
     problems += _owner_problems(cfg, "backbone")
     if "logger" in cfg:  # the trackers' packages and settings (clcli.loggers)
         problems += _owner_problems(cfg, "logger")

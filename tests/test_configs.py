@@ -35,6 +35,15 @@ def _needs_clip(name: str) -> bool:
                for p in target_class(cfg.method._target_).config_problems(cfg.optim, TimmBackbone, **keys))
 
 
+def _needs_vit(name: str) -> bool:
+    """The method says so itself: its config_problems refuse the default CNN's model_name."""
+    cfg = compose([f"method={name}"])
+    keys = {k: v for k, v in cfg.method.items() if k != "_target_"}
+    check = target_class(cfg.method._target_).config_problems
+    return any(p.startswith("backbone.model_name:") and "not a ViT" in p
+               for p in check(cfg.optim, TimmBackbone, backbone_cfg=cfg.backbone, **keys))
+
+
 def _clip_backbone(name: str) -> bool:
     return issubclass(target_class(compose([f"backbone={name}"]).backbone._target_), ClipBackbone)
 
@@ -56,6 +65,8 @@ def test_every_option_composes_and_validates(tmp_path, group):
         overrides = [f"{group}={opt}"]
         if group == "method" and _needs_clip(opt):
             overrides += ["backbone=tiny_clip", "data=synthetic_mtil"]
+        elif group == "method" and _needs_vit(opt):  # prompts, SLCA++'s LoRA: not on the default CNN
+            overrides += ["backbone=tiny_vit"]
         if group == "data" and _clip_data(opt):
             overrides += ["backbone=tiny_clip", "method=zeroshot"]
         if group == "backbone" and _clip_backbone(opt):

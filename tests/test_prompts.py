@@ -19,7 +19,7 @@ from clcli.config import check_config
 from clcli.engine import Runtime
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
-from clcli.methods.prompts import PromptMethod
+from clcli.methods.prompts import PromptLoss, PromptMethod
 from clcli.models.prompt_pools import CodaPool, DualPromptPool, L2PPool, batch_vote, gram_schmidt_rows
 from clcli.models.prompting import encode, prefix_attention
 from clcli.models.timm_backbone import TimmBackbone
@@ -493,6 +493,41 @@ def test_a_cnn_backbone_is_refused_with_the_fix():
     assert "prompts cannot be inserted into a CNN" in text and "backbone=vit_b16_in21k" in text
 
 
+@pytest.mark.parametrize("method", ["l2p", "dualprompt", "coda_prompt", "slcapp"])
+def test_validate_refuses_the_default_cnn_backbone_before_building_anything(method, monkeypatch):
+    """`clcli validate method=X` on the offline default backbone (EfficientNet-Lite0, a timm CNN behind
+    the same TimmBackbone class as the ViTs) names backbone.model_name and the fix, from timm's
+    registry alone: building a model or a backbone here fails the test."""
+    import timm
+
+    def never(*_, **__):
+        raise AssertionError("validate built a model")
+
+    monkeypatch.setattr(timm, "create_model", never)
+    monkeypatch.setattr(TimmBackbone, "__init__", never)
+    cfg = compose([f"method={method}", "device=cpu"])
+    assert cfg.backbone.model_name == "efficientnet_lite0"  # the shipped default
+    bad = [p for p in check_config(cfg) if p.startswith("backbone.model_name:")]
+    assert len(bad) == 1 and f"method={method}" in bad[0] and "'efficientnet_lite0'" in bad[0], bad
+    assert "backbone=vit_b16_in21k" in bad[0] and "tiny_vit" in bad[0]
+    vit = compose([f"method={method}", "device=cpu", "data=synthetic", "backbone=tiny_vit"])
+    assert not [p for p in check_config(vit) if p.startswith("backbone")]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224.augreg_in21k", "deit_tiny_patch16_224",
+                                  "vit_tiny_r_s16_p8_224", "efficientnet_lite0", "resnet18", "tiny_vit_5m_224",
+                                  "eva02_tiny_patch14_224", "convit_tiny"])
+def test_the_registry_check_agrees_with_the_built_model(name):
+    """Reference: the class of the model timm builds (random weights, no download)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from clcli.models.vit_config import vit_config_problems
+
+    built = isinstance(timm.create_model(name, pretrained=False), VisionTransformer)
+    assert (vit_config_problems("l2p", "inserts prompts into", TimmBackbone, {"model_name": name}) == []) == built
+
+
 @pytest.mark.parametrize("overrides,problem", [
     (["method=l2p", "method.prompt.top_k=20"], "method.prompt.top_k=20 exceeds method.prompt.pool_size=10"),
     (["method=l2p", "+method.prompt.topk=2"], "method.prompt.topk: unknown key, nothing reads it. Did you mean "
@@ -504,6 +539,7 @@ def test_a_cnn_backbone_is_refused_with_the_fix():
     (["method=coda_prompt", "method.batchwise={eval: true}"], "method.batchwise: coda_prompt composes its prompts per sample"),
     (["method=coda_prompt", "method.prompt.init=orthogonal"], "method.prompt.init: expected one of per_task, upfront"),
     (["method=l2p", "method.clip_grad_norm=0"], "method.clip_grad_norm: must be > 0"),
+    (["method=coda_prompt", "method.drop_last=maybe"], "method.drop_last: expected true or false"),
     (["method=l2p", "method.ca.feature_path=own"], "method.ca.feature_path: expected one of inference, own_prompt"),
     (["method=dualprompt", "optim.lr.representation=0"], "optim.lr.representation: must be > 0"),
     (["method=dualprompt", "backbone=tiny_clip"], "backbone: method=dualprompt inserts prompts into a timm ViT"),
@@ -511,6 +547,34 @@ def test_a_cnn_backbone_is_refused_with_the_fix():
 def test_bad_keys_are_named_by_clcli_validate(overrides, problem):
     problems = check_config(compose(["data=synthetic", "backbone=tiny_vit", "device=cpu", *overrides]))
     assert any(problem in p for p in problems), problems
+
+
+def test_drop_last_leaves_out_the_short_last_batch_of_the_same_order(monkeypatch):
+    """method.drop_last=true (CODA-P's reference loader): one epoch of N images in batches of B takes
+    floor(N / B) full steps (N = 48, B = 5), the same images in the same order as the first steps with
+    drop_last=false, which takes ceil(N / B) steps over all N (hand computation)."""
+    seen, real = {}, PromptLoss.forward
+
+    def record(flag):
+        m, sc = _method("coda_prompt", ["optim.batch_size=5", f"method.drop_last={str(flag).lower()}"])
+        monkeypatch.setattr(PromptLoss, "forward", lambda self, x, y: (seen[flag].append(y.tolist()),
+                                                                      real(self, x, y))[1])
+        seen[flag] = []
+        m.begin_task(sc.tasks[0])
+        torch.manual_seed(1)
+        m.train_task(sc.tasks[0])
+        return m.losses[0], len(sc.tasks[0].train)
+
+    dropped, n = record(True)
+    kept, _ = record(False)
+    assert n % 5 != 0, n  # a short last batch exists
+    assert (dropped["steps"], dropped["query_passes"]) == (n // 5, 5 * (n // 5))
+    assert (kept["steps"], kept["query_passes"]) == (-(-n // 5), n)
+    assert seen[True] == seen[False][: n // 5] and all(len(b) == 5 for b in seen[True])
+    with pytest.raises(ConfigError, match=r"method.drop_last: task 0 .* fewer than one batch"):
+        m, sc = _method("coda_prompt", [f"optim.batch_size={n + 1}", "method.drop_last=true"])
+        m.begin_task(sc.tasks[0])
+        m.train_task(sc.tasks[0])
 
 
 @pytest.mark.parametrize("kind,override,problem", [

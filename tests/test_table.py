@@ -143,6 +143,39 @@ def test_method_choice_labels_and_config_difference_among_siblings():
     assert sorted(labels) == ["method=slca precision=bf16", "method=slca precision=fp32", "method=slow_learner"]
 
 
+def test_prompt_rows_sort_in_the_slca_table_order_from_a_sweep_dir(tmp_path):
+    """A fake `outputs/sweeps/slca` (SLCA's and the prompt sweeps' results.json, written in a shuffled
+    order): `clcli table` prints, per backbone block and benchmark, joint / Seq FT / L2P / L2P + CA /
+    DualPrompt / DualPrompt + CA / CODA-P / CODA-P + CA / slow learner / SLCA / SLCA++ (the order
+    written out by hand here: the reference)."""
+    import random
+
+    cells = [("slca", m, m == "slca" or m == "slcapp") for m in ("slca", "seq_ft", "joint", "slow_learner", "slcapp")]
+    cells += [("prompts", m, ca) for m in ("coda_prompt", "l2p", "dualprompt") for ca in (True, False)]
+    runs = []
+    for pre in ("mocov3", "in21k"):
+        for bench, data in (("imagenet_r", "split_imagenet_r"), ("cifar100", "split_cifar100")):
+            for family, method, ca in cells:
+                exp = f"{family}/{method}{'_ca' if ca and family == 'prompts' else ''}_{bench}_{pre}"
+                for seed in (1993, 1996):
+                    r = _res(seed, method)
+                    r["run"].update(experiment=exp, data=data, backbone=f"vit_b16_{pre}", optim=data)
+                    r["config"]["method"] = {"ca": {"enabled": ca}}
+                    runs.append((f"{pre}/{exp}/seed={seed}", r))
+    random.Random(0).shuffle(runs)
+    for where, r in runs:
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "_path"}))
+    T.main([str(tmp_path), "--output", str(tmp_path / "table.md")])
+    labels = [line.split("|")[1].strip() for line in (tmp_path / "table.md").read_text().splitlines()
+              if line.startswith("| slca/") or line.startswith("| prompts/")]
+    order = ["slca/joint", "slca/seq_ft", "prompts/l2p", "prompts/l2p_ca", "prompts/dualprompt", "prompts/dualprompt_ca",
+             "prompts/coda_prompt", "prompts/coda_prompt_ca", "slca/slow_learner", "slca/slca", "slca/slcapp"]
+    # SLCA's blocks: IN21k before MoCo v3 (by backbone name), CIFAR-100 before ImageNet-R (DATA_RANK)
+    want = [f"{e}_{bench}_{pre}" for pre in ("in21k", "mocov3") for bench in ("cifar100", "imagenet_r") for e in order]
+    assert labels == want
+
+
 def test_paper_values_diff_and_unverified_mark(tmp_path):
     paper = {"last_acc": 91.53, "inc_acc": 94.09, "unverified": ["inc_acc"], "source": "figure", "note": "n"}
     groups = group_runs([_res(1993, last=90.0, inc=93.0, paper=paper), _res(1996, last=92.0, inc=95.0, paper=paper)])
@@ -415,7 +448,7 @@ def test_sweep_run_dirs_are_named_by_experiment_and_seed():
 
 
 def test_reproduce_scripts_run_the_sweeps_then_the_table():
-    for name, sweeps in (("slca", ["slca_in21k", "slca_mocov3"]),
+    for name, sweeps in (("slca", ["slca_in21k", "slca_mocov3", "prompts_in21k", "prompts_mocov3"]),
                          ("diki", ["diki_mtil", "diki_mtil_order2", "diki_mtil_fewshot"])):
         text = (REPO / "scripts" / f"reproduce_{name}.sh").read_text()
         assert text.startswith("#!") and "set -e" in text

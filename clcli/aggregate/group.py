@@ -18,7 +18,8 @@ Row labels: the run choices that vary between groups (an ``experiment`` name rep
 determines; ``optim`` is left out where it equals ``data``, the default), plus the config values that
 differ between groups with the same choices (e.g. ``optim.lr.representation=0.001`` in a
 learning-rate sweep). Choices shared by every group go into the table title (:func:`common_choices`).
-Groups are sorted as the papers' tables: scenario kind, backbone, benchmark, method.
+Groups are sorted as the papers' tables: scenario kind, backbone, benchmark, method (:data:`METHOD_RANK`),
+then without before with classifier alignment (``method.ca.enabled``: L2P, then L2P + CA).
 """
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ CHOICE_ORDER = ("experiment", "method", "data", "backbone", "optim")
 # Row order follows the papers' tables: pre-training block, benchmark column order, method row order.
 DATA_RANK = {"split_cifar100": 0, "split_imagenet_r": 1, "split_cub200": 2, "split_cars196": 3,
              "mtil": 0, "mtil_order2": 1, "mtil_fewshot": 2}
-METHOD_RANK = {"zeroshot": 0, "seq_ft": 1, "clip_ft": 1, "frozen": 2, "slow_learner": 3, "slca": 4, "diki": 5, "zscl": 5,
-               "joint": 9}
+# Methods as SLCA's table lists them (joint training, the upper bound, first; the prompt baselines before
+# SLCA; SLCA++ after it), MTIL's as DIKI's (zero-shot first); a method without classifier alignment
+# comes directly before its `method.ca.enabled=true` variant (:func:`_sort_key`).
+METHOD_RANK = {"joint": 0, "zeroshot": 1, "seq_ft": 2, "clip_ft": 2, "frozen": 3, "l2p": 4, "dualprompt": 5,
+               "coda_prompt": 6, "slow_learner": 7, "slca": 8, "slcapp": 9, "diki": 10, "zscl": 10}
 
 DASH = "–"
 
@@ -305,5 +309,6 @@ def _sort_key(g: Group) -> tuple:
     c = g.choices
     return (scenario_kind(g.kind).rank, str(c.get("backbone", "")), DATA_RANK.get(c.get("data"), 99),
             str(c.get("data", "")), METHOD_RANK.get(c.get("method"), 50), str(c.get("method", "")),
-            str(c.get("experiment", "")), canon(c), tuple(_value_key(v) for v in g.config_diff.values()))
+            g.config.get("method.ca.enabled") is True, str(c.get("experiment", "")), canon(c),
+            tuple(_value_key(v) for v in g.config_diff.values()))
 

@@ -48,7 +48,9 @@ class Method(Protocol):
     Optionally, a static ``config_problems(optim, backbone, **method_keys) -> list[str]`` checks what
     the method owns without building anything: its own keys (nested ones too), the ``optim`` keys only
     it reads (``lr.classifier`` for a method with heads), and the backbone *class* it is given (None
-    when unknown), e.g. CLIP methods refuse a timm backbone. ``clcli validate``
+    when unknown), e.g. CLIP methods refuse a timm backbone. ``clcli validate`` also passes the
+    backbone's config node as ``backbone_cfg`` (the prompt methods and SLCA++ read its ``model_name``
+    to refuse a CNN); a method that does not read it takes ``**_``. ``clcli validate``
     (``config.check_config``) and the constructor both run it, so a bad key is reported before
     anything is loaded.
     """

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from clcli import optim as optim_lib
 from clcli.alignment import CA_KEYS, align, ca_config_problems, fit_statistics
@@ -38,19 +39,32 @@ from clcli.methods.base import EvalBatch
 from clcli.models.heads import TaskHeads
 from clcli.models.prompt_pools import POOLS, PromptOutput, PromptPool
 from clcli.models.prompting import encode, vit_problems
+from clcli.models.vit_config import VIT_BACKBONES, vit_config_problems
 from clcli.stats import GaussianStats
 
 log = logging.getLogger("clcli")
 
 FEATURE_PATHS = ("inference", "own_prompt")
 PROMPT_CA_KEYS = (*CA_KEYS, "feature_path")
-VIT_BACKBONES = "backbone=vit_b16_in21k, vit_b16_mocov3 or tiny_vit"
 
 
 def head_input(model: nn.Module, images: torch.Tensor, out: PromptOutput, pool: PromptPool) -> torch.Tensor:
     """The prompted pass and the feature the heads read (L2P: mean of the prompt outputs, else CLS)."""
     enc = encode(model, images, out.prompts, out.prefixes, pool.layout)
     return enc.prompt_mean() if pool.head_input == "prompt_mean" else enc.cls(model)
+
+
+def without_last_batch(loader: DataLoader, where: str) -> DataLoader:
+    """``loader`` with ``drop_last=True`` (``method.drop_last``): the same dataset, sampler (so the
+    same shuffled order), workers and generator; only each epoch's last, short batch is left out.
+    A task with fewer images than one batch would train on nothing: a ConfigError says so."""
+    if len(loader) == 0 or len(loader.sampler) < loader.batch_size:
+        raise ConfigError([f"method.drop_last: {where} has {len(loader.sampler)} training images per process, fewer "
+                           f"than one batch of {loader.batch_size}, so every batch would be dropped; set "
+                           "method.drop_last=false or a smaller optim.batch_size."])
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
+                      generator=loader.generator, drop_last=True)
 
 
 def _plain(node):
@@ -103,16 +117,18 @@ class PromptMethod:
     alignment (``ca``). ``prompt``: the pool's keys (:mod:`clcli.models.prompt_pools`); ``batchwise``:
     where the batch-wise prompt vote runs (L2P: ``train``/``eval``, DualPrompt: ``eval``; off at
     evaluation by default, because clcli's per-task test batches would hand the vote the task id);
-    ``clip_grad_norm``: global gradient-norm clipping (null: none); ``feature_cache``: the test-set
-    queries are computed once per run (exact: the model is frozen, :class:`clcli.cache.FrozenEvalFeatures`)."""
+    ``clip_grad_norm``: global gradient-norm clipping (null: none); ``drop_last``: drop each epoch's
+    last, short training batch (CODA-P's reference loader; off: every image every epoch);
+    ``feature_cache``: the test-set queries are computed once per run (exact: the model is frozen,
+    :class:`clcli.cache.FrozenEvalFeatures`)."""
 
     def __init__(self, backbone, optim, runtime: Runtime, kind: str, prompt: dict, batchwise: dict | None = None,
                  clip_grad_norm: float | None = None, ca: dict | None = None, stats: dict | None = None,
-                 feature_cache: str = "memory", feature_cache_dir: str | None = None):
+                 feature_cache: str = "memory", feature_cache_dir: str | None = None, drop_last: bool = False):
         prompt, batchwise, ca, stats = (_plain(x) for x in (prompt, batchwise, ca, stats))
         problems = self.config_problems(optim, type(backbone), kind=kind, prompt=prompt, batchwise=batchwise,
                                         clip_grad_norm=clip_grad_norm, ca=ca, stats=stats, feature_cache=feature_cache,
-                                        feature_cache_dir=feature_cache_dir)
+                                        feature_cache_dir=feature_cache_dir, drop_last=drop_last)
         if not problems:
             problems = self.backbone_problems(backbone, kind, prompt)
         if problems:
@@ -121,7 +137,7 @@ class PromptMethod:
         self.backbone = backbone.to(runtime.device).eval().requires_grad_(False)
         self.pool = POOLS[kind](backbone.feature_dim, **prompt).to(runtime.device)
         self.batchwise = dict(batchwise or {})
-        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_norm, self.drop_last = clip_grad_norm, drop_last
         self.ca, self.stats_cfg = dict(ca), dict(stats)
         self.heads = TaskHeads(backbone.feature_dim).to(runtime.device)
         self.aligned: TaskHeads | None = None
@@ -137,17 +153,22 @@ class PromptMethod:
     # ------------------------------------------------------------------ checks
     @staticmethod
     def config_problems(optim, backbone=None, *, kind=None, prompt=None, batchwise=None, clip_grad_norm=None, ca=None,
-                        stats=None, feature_cache="memory", feature_cache_dir=None, **_) -> list[str]:
+                        stats=None, feature_cache="memory", feature_cache_dir=None, drop_last=False,
+                        backbone_cfg=None, **_) -> list[str]:
         """Problems of the prompt methods' keys (``clcli validate`` and the constructor): ``kind``, the
-        pool's ``prompt.*`` and ``batchwise.*``, ``clip_grad_norm``, ``ca.*`` / ``stats.*`` (SLCA's,
-        plus ``ca.feature_path``), both learning rates, the feature cache, and a timm backbone (a ViT;
-        the model itself is checked when it is built)."""
+        pool's ``prompt.*`` and ``batchwise.*``, ``clip_grad_norm``, ``drop_last``, ``ca.*`` / ``stats.*`` (SLCA's,
+        plus ``ca.feature_path``), both learning rates, the feature cache, and a timm ViT backbone
+        (its class, and with ``backbone_cfg`` its ``model_name`` in timm's registry; the built model
+        is checked by :meth:`backbone_problems`)."""
         if kind not in POOLS:
             return [f"method.kind: expected one of {', '.join(POOLS)}, got {kind!r}; choose the method with "
                     "method=l2p, method=dualprompt or method=coda_prompt."]
         problems = POOLS[kind].problems(prompt, batchwise, kind)
         if clip_grad_norm is not None:
             problems += number_problem("method.clip_grad_norm", clip_grad_norm, minimum=0, strict=True)
+        if not isinstance(drop_last, bool):
+            problems.append(f"method.drop_last: expected true or false, got {drop_last!r} (true: drop each epoch's "
+                            "last, short training batch, as CODA-P's reference loader does).")
         ca, stats = dict(ca or {}), dict(stats or {})
         problems += ca_config_problems(ca, stats, PROMPT_CA_KEYS)
         if "feature_path" in ca and ca["feature_path"] not in FEATURE_PATHS:
@@ -159,12 +180,7 @@ class PromptMethod:
                                 f"(e.g. +optim.lr.{key}=0.001).")
             else:
                 select_number(optim, f"lr.{key}", problems, label=f"optim.lr.{key}", minimum=0, strict=True)
-        if backbone is not None:
-            from clcli.models.timm_backbone import TimmBackbone
-
-            if not (isinstance(backbone, type) and issubclass(backbone, TimmBackbone)):
-                problems.append(f"backbone: method={kind} inserts prompts into a timm ViT ({VIT_BACKBONES}); got "
-                                f"{getattr(backbone, '__name__', backbone)}.")
+        problems += vit_config_problems(kind, "inserts prompts into", backbone, backbone_cfg)
         return problems + feature_cache_problems(feature_cache, feature_cache_dir)
 
     @staticmethod
@@ -222,6 +238,8 @@ class PromptMethod:
 
             opt.register_step_pre_hook(clip)
         loader = self.rt.loader(task.train, o.batch_size, shuffle=True)
+        if self.drop_last:
+            loader = without_last_batch(loader, f"task {task.index} ({task.name})")
         sched = optim_lib.make_scheduler(o, opt, len(loader))
         step = PromptLoss(self.backbone, self.pool, head, task.labels.start, task.index,
                           vote=bool(self.batchwise.get("train", False)))

@@ -53,6 +53,7 @@ from clcli.methods.base import EvalBatch
 from clcli.models.heads import TaskHeads, feature_scales
 from clcli.models.lora import TARGETS as LORA_TARGETS
 from clcli.models.lora import add_lora, hybrid_trainable, vit_blocks
+from clcli.models.vit_config import vit_config_problems
 from clcli.probe import RepresentationProbe, probe_config_problems
 from clcli.stats import GaussianStats
 
@@ -170,11 +171,13 @@ class SLCA:
 
     @staticmethod
     def config_problems(optim, backbone=None, *, ca=None, stats=None, feature_cache="memory", feature_cache_dir=None,
-                        lora=None, loss=None, cosine_from_milestones=False, probe=None, **_) -> list[str]:
+                        lora=None, loss=None, cosine_from_milestones=False, probe=None, backbone_cfg=None,
+                        **_) -> list[str]:
         """Problems of SLCA's keys (``clcli validate`` and the constructor): ``ca.*`` and ``stats.*``
         (names and ranges), the classifier learning rate its heads need, the feature cache, and the
         SLCA++ keys ``lora``, ``loss``, ``cosine_from_milestones`` and the ``probe``. Any backbone will
-        do (``lora`` needs a ViT: checked when the backbone is built)."""
+        do, except that ``lora`` needs a timm ViT (its class and, with ``backbone_cfg``, its
+        ``model_name`` in timm's registry; the built blocks are checked when LoRA is added)."""
         ca, stats = dict(ca or {}), dict(stats or {})
         # without alignment only ca.enabled is read (slow_learner, seq_ft and frozen inherit the rest)
         problems = ca_config_problems(ca, stats)
@@ -184,6 +187,9 @@ class SLCA:
         else:
             select_number(optim, "lr.classifier", problems, label="optim.lr.classifier", minimum=0, strict=True)
         problems += SLCA._slcapp_problems(optim, lora, loss, cosine_from_milestones)
+        if lora is not None:
+            problems += vit_config_problems("slcapp", "(method.lora) puts LoRA on the attention qkv of", backbone,
+                                            backbone_cfg)
         return problems + probe_config_problems(probe) + feature_cache_problems(feature_cache, feature_cache_dir)
 
     @staticmethod
