@@ -283,6 +283,8 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
     """
 
     name = "clip_ft"
+    # The optional optim keys this method reads (clcli.config refuses them for methods that do not).
+    optim_keys = ("iterations", "label_smoothing")
 
     def __init__(self, backbone, optim, runtime: Runtime, lr_by_dataset: dict | None = None, augment: str = "none"):
         problems = self.ft_problems(optim, type(backbone), lr_by_dataset=lr_by_dataset, augment=augment)
