@@ -345,7 +345,8 @@ def test_learns_on_synthetic_mtil(tmp_path):
 @pytest.mark.parametrize("preset,data,iterations,threshold", [
     ("moe_adapters_order1", "mtil_order1", 1000, 0.0655),
     ("moe_adapters_order2", "mtil_order2", 1000, 0.0655),
-    ("moe_adapters_fewshot", "mtil_fewshot5", 500, 0.0585),
+    ("moe_adapters_fewshot", "mtil_fewshot", 500, 0.0585),  # DIKI's MTIL-FS (16 shots, 8 datasets)
+    ("moe_adapters_fewshot5", "mtil_fewshot5", 500, 0.0585),  # MoE-Adapters' own (5 shots, 11 datasets)
 ])
 def test_presets_compose_and_validate(preset, data, iterations, threshold, tmp_path):
     weights = tmp_path / "ViT-B-16.pt"
@@ -397,11 +398,12 @@ def test_sweep_validates_every_job(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "ViT-B-16.pt"
     weights.write_bytes(b"0")
-    code, out = run_cli(["validate", "+sweep=moe_adapters_mtil", f"backbone.checkpoint_path={weights}",
+    code, out = run_cli(["validate", "+sweep=diki_mtil", f"backbone.checkpoint_path={weights}",
                          "backbone.pretrained=null", f"paths.data_dir={tmp_path}"], capsys)
     flat = " ".join(out.split())
-    assert code == 2  # the MTIL data, AlexNet weights and TinyImageNet are not on this machine
-    for preset in ("order1", "order2", "fewshot"):
+    assert code == 2  # the MTIL data, AlexNet weights, TinyImageNet, ZSCL's reference data are not here
+    for row in ("zeroshot", "clip_ft", "zscl", "moe_adapters", "diki"):  # DIKI's table, MoE-Adapters included
         for seed in (1993, 1996, 1997):
-            assert f"experiment=diki/moe_adapters_{preset} seed={seed} +sweep=moe_adapters_mtil" in flat, (preset, seed)
+            assert f"experiment=diki/{row}_order1 seed={seed} +sweep=diki_mtil" in flat, (row, seed)
+    assert "method.ddas.alexnet_weights" in flat
     assert "Traceback" not in out and "method.top_k" not in out

@@ -134,12 +134,29 @@ def test_diki_sweeps_compose_and_validate(sweep):
 
     raw = OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml")
     experiments = str(raw.hydra.sweeper.params["experiment"]).split(",")
-    assert any("zscl" in e for e in experiments)
+    rows = ["zeroshot", "clip_ft", "zscl", "moe_adapters", "diki"]  # the table's rows, in this order
+    assert [next(r for r in rows if e.split("/")[1].replace("tiny_", "").startswith(r)) for e in experiments] == rows
     for exp in experiments:
         cfg = compose([f"experiment={exp}"])
-        problems = [p for p in check_config(cfg) if not p.startswith(("data:", "backbone", "method.ref_"))
+        # the data, CLIP weights and user-provided reference files are not on this machine
+        problems = [p for p in check_config(cfg) if not p.startswith(("data:", "backbone", "method.ref_",
+                                                                       "method.ddas.alexnet_weights",
+                                                                       "method.ddas.tinyimagenet_dir"))
                     and " is missing" not in p and "not cached" not in p]
         assert problems == [], (exp, problems)
+        if "moe_adapters" in exp:  # MoE-Adapters' recipe through the shared optim keys (optim=mtil_moe)
+            assert cfg.data.protocol == "zscl" and cfg.optim.schedule == "warmup_cosine"
+            assert cfg.optim.label_smoothing == 0.2 and cfg.optim.optimizer.weight_decay == 0.0
+            if not exp.endswith("tiny"):
+                assert cfg.optim.iterations == (500 if exp.endswith("fewshot") else 1000)
+                assert cfg.optim.batch_size == 64 and cfg.optim.warmup == 100 and cfg.optim.lr.representation == 1e-3
+                assert cfg.data.name == {"order1": "mtil_order1", "order2": "mtil_order2",
+                                         "fewshot": "mtil_fewshot"}[exp.rsplit("_", 1)[1]]
+                assert cfg.data.num_shots == (16 if exp.endswith("fewshot") else -1)
+                assert "protocol" in cfg.paper and "note" in cfg.paper and "unverified" in cfg.paper
+                if not exp.endswith("fewshot"):  # published (third-party transcriptions, flagged)
+                    assert cfg.paper.protocol == "zscl" and cfg.paper.source and set(cfg.paper.unverified) == \
+                        {"transfer", "avg", "last"} and "Secondary source" in cfg.paper.note
         if "clip_ft" in exp or "zscl" in exp:
             assert cfg.data.protocol == "zscl" and cfg.optim.schedule == "warmup_cosine"
             if not exp.startswith("diki/tiny"):
