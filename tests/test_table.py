@@ -287,7 +287,7 @@ def test_every_paper_table_cell_has_an_experiment():
             for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
     diki = {f"diki/{m}_{o}" for m in ("diki", "zeroshot", "clip_ft", "zscl") for o in ("order1", "order2", "fewshot")}
     diki |= {f"diki/tiny_{m}" for m in ("diki", "zeroshot", "clip_ft", "zscl")}  # the tiny CPU benchmark
-    diki |= {f"diki/moe_adapters_{o}" for o in ("order1", "order2", "fewshot", "tiny")}
+    diki |= {f"diki/moe_adapters_{o}" for o in ("order1", "order2", "fewshot", "fewshot5", "tiny")}
     prompts = {f"prompts/{m}{ca}_{b}_{p}" for m in ("l2p", "dualprompt", "coda_prompt") for ca in ("", "_ca")
                for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
     assert set(EXPERIMENTS) == slca | diki | prompts
