@@ -289,6 +289,12 @@ def test_diki_evaluates_with_the_protocols_classifier(backbone, task_select):
     torch.testing.assert_close(ours, hand["zscl"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(first, hand["diki"], rtol=1e-4, atol=1e-4)
     assert (ours - first).abs().max() > 1e-2  # the ensemble is not the first template
+    # zero-shot CLIP honours the protocol the same way: frozen CLIP's ensemble classifier
+    zs = ZeroShotCLIP(backbone=backbone, optim=None, runtime=Runtime(), feature_cache="off")
+    zs.prepare_scenario(by["zscl"])
+    with torch.no_grad():
+        plain = scale * frozen @ _hand_classifier(model, backbone.tokenize, task.eval_prompt_sets(), None, None).T
+        torch.testing.assert_close(zs.predict(EvalBatch(images, task, task.labels)), plain, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ end to end
