@@ -164,3 +164,23 @@ def test_diki_sweeps_compose_and_validate(sweep):
                 assert dict(cfg.method.lr_by_dataset) == {"aircraft": 5e-5, "mnist": 5e-5}
                 assert cfg.optim.lr.representation == 1e-5 and cfg.method.augment == "zscl_rrc"
                 assert cfg.paper.protocol in ("zscl", None)
+
+
+@pytest.mark.slow
+def test_tiny_diki_table_prints_every_row_with_its_protocol(tmp_path, capsys, monkeypatch):
+    """`clcli train +sweep=diki_mtil_tiny` then `clcli table`: the five rows of DIKI's table (a few
+    minutes on CPU), each with the protocol it ran under."""
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(["train", "+sweep=diki_mtil_tiny", f"hydra.sweep.dir={tmp_path / 'tiny'}"], capsys)
+    assert code == 0, out[-3000:]
+    code, out = run_cli(["table", str(tmp_path / "tiny")], capsys, stdout_only=True)
+    assert code == 0, out
+    rows = {}  # headline table: group | seeds | protocol | transfer | avg | last
+    for line in out.split("MTIL per dataset")[0].splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 6 and cells[1].startswith("diki/"):
+            rows[cells[1]] = cells[3]
+    assert rows == {"diki/tiny_zeroshot": "diki", "diki/tiny_clip_ft": "zscl", "diki/tiny_zscl": "zscl",
+                    "diki/moe_adapters_tiny": "zscl", "diki/tiny_diki": "diki"}, out

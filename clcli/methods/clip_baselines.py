@@ -14,7 +14,8 @@ classifier head: the text features of the class prompts are the classifier.
   cosine, label smoothing 0.2, random resized crop, per-dataset lrs;
   docs/diki_mtil_protocol.md#continual-ft-zscl-recipe).
 - The evaluation classifier follows the scenario's protocol (:meth:`PromptBank.classifier`): the
-  first template, or the normalised mean of the template ensemble (docs/diki_mtil_protocol.md#the-protocol-choice).
+  first template, or the normalised mean of the template ensemble (:func:`ensemble_mean`;
+  docs/diki_mtil_protocol.md#the-protocol-choice); DIKI and MoE-Adapters build it through their own towers.
 - :class:`PromptBank`, :func:`cosine_logits`, :func:`clip_problems`, :func:`classifier_lr_problems`: shared
   with :mod:`clcli.methods.diki`.
 """

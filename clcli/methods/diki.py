@@ -28,7 +28,10 @@ Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
    likelihood, even when its own k_b lost the vote, §8 item 2) and the text residual by mean_b(w_b).
    With ``task_select: sample`` each sample uses its own k_b and its own w_b for both its image and
    its own text features (§4.3: the reference crashes in this mode, so the text weighting is ours);
-   computed by grouping the samples by selected task.
+   computed by grouping the samples by selected task. The text classifier follows the scenario's
+   protocol (``data.protocol``, :meth:`PromptBank.classifier`): the first template (DIKI's), or under
+   ``zscl`` ZSCL's template ensemble, every template encoded through the same residual at the same
+   weight (docs/diki_mtil_protocol.md#the-protocol-choice).
 
 The frozen features of every test set are computed once per run and cached (``method.feature_cache``,
 :mod:`clcli.cache`, §7 item 4): an eval batch named by the evaluator (test set, position in its loader)
