@@ -258,8 +258,14 @@ def test_reference_schedule_of_optim_mtil_moe():
     assert seen == [[1], [2], [3], [1], [2], [3], [1]] and len(CyclingLoader([[1]], 7)) == 7
 
 
-def test_old_method_keys_name_their_replacement():
+def test_old_method_keys_name_their_replacement(capsys, tmp_path, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
     base = ["experiment=diki/moe_adapters_tiny"]
+    for old, new in (("iterations", "iterations"), ("warmup_steps", "warmup"), ("label_smoothing", "label_smoothing")):
+        code, out = run_cli(["validate", *base, f"method.{old}=5"], capsys)  # without +: Hydra's own refusal
+        assert code == 2 and f"method.{old}: replaced by optim.{new}" in " ".join(out.split()), out
     problems = check_config(compose_cfg(base + ["+method.iterations=5", "+method.warmup_steps=3",
                                                 "+method.label_smoothing=0.1"]))
     for old, new, value in (("iterations", "iterations", 5), ("warmup_steps", "warmup", 3),
