@@ -24,7 +24,7 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from clcli.optim import OPTIM_KEYS, OPTIMIZER_ARGS, SCHEDULE_KEYS, SCHEDULES, build, optimizer_factory
+from clcli.optim import METHOD_OPTIM_KEYS, OPTIM_KEYS, OPTIMIZER_ARGS, SCHEDULE_KEYS, SCHEDULES, build, optimizer_factory
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FREE_KEYS = ("paper",)  # an experiment's metadata (`clcli table` prints it): any keys
@@ -167,10 +167,20 @@ def _component_problems(node: dict, where: str) -> list[str]:
         if key in passed:
             problems.append(f"{where}.{key}: not a config key ({why}); remove it.")
         elif key not in accepted and not any_key:
-            problems.append(unknown_key_problem(f"{where}.{key}", accepted - set(passed)))
+            moved = _moved_keys(target).get(key)
+            problems.append(f"{where}.{key}: replaced by {moved}; remove {where}.{key} and set {moved}={value!r} "
+                            "instead." if moved else unknown_key_problem(f"{where}.{key}", accepted - set(passed)))
         elif isinstance(value, dict) and "_target_" in value:
             problems += _component_problems(value, f"{where}.{key}")
     return problems
+
+
+def _moved_keys(target: str) -> dict[str, str]:
+    """A component class's ``moved_keys`` (old key -> the key that replaced it), or none."""
+    try:
+        return dict(getattr(target_class(target), "moved_keys", None) or {})
+    except Exception:  # noqa: BLE001 - an unimportable target is reported elsewhere
+        return {}
 
 
 def _plain_problems(node: dict, allowed: Iterable[str], where: str) -> list[str]:
@@ -279,6 +289,48 @@ def _optim_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+@lru_cache(maxsize=1)
+def _method_optim_readers() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``_target_`` -> (option name, the :data:`~clcli.optim.METHOD_OPTIM_KEYS` it reads) of every
+    ``conf/method/*.yaml`` (the ``optim_keys`` attribute of the class it builds)."""
+    from clcli.cli import _config_dir
+
+    out = {}
+    for f in sorted((Path(_config_dir()) / "method").glob("*.yaml")):
+        node = OmegaConf.load(f)  # `@package _global_` options nest it under `method`
+        target = (node.get("method") or {}).get("_target_") or node.get("_target_")
+        if not isinstance(target, str):
+            continue
+        try:
+            out[target] = (f.stem, tuple(getattr(target_class(target), "optim_keys", ())))
+        except Exception:  # noqa: BLE001 - a broken option is reported when it is chosen
+            continue
+    return out
+
+
+def _method_optim_problems(cfg: DictConfig) -> list[str]:
+    """A non-null ``optim.iterations`` / ``optim.label_smoothing`` with a method that does not read it
+    (its class's ``optim_keys``): refused, naming the methods that do."""
+    target = cfg.method.get("_target_")
+    try:
+        cls = target_class(target)
+    except Exception:  # noqa: BLE001 - key_problems reports it
+        return []
+    if cls is None:
+        return []
+    readers = _method_optim_readers()
+    name = readers.get(target, (cls.__name__, ()))[0]
+    reads = tuple(getattr(cls, "optim_keys", ()))
+    problems = []
+    for key in METHOD_OPTIM_KEYS:
+        if cfg.optim.get(key) is not None and key not in reads:
+            users = sorted(n for n, keys in readers.values() if key in keys)
+            what = ("trains by epochs (optim.epochs)" if key == "iterations" else "has no label-smoothed loss")
+            problems.append(f"optim.{key}: method={name} {what} and does not read it; only "
+                            f"{', '.join(users)} do. Remove it (optim.{key}=null) or choose one of those methods.")
+    return problems
+
+
 def check_config(cfg: DictConfig) -> list[str]:
     """Return every problem found in ``cfg`` (empty list = valid). Cheap: no data, no weights."""
     problems = key_problems(cfg)
@@ -302,7 +354,7 @@ def check_config(cfg: DictConfig) -> list[str]:
     select_number(cfg, "guard.chance_loss_ratio", problems, minimum=0)
     if cfg.checkpoint.keep not in ("all", "last"):
         problems.append(f"checkpoint.keep: expected all or last, got '{cfg.checkpoint.keep}'.")
-    problems += _optim_problems(cfg)
+    problems += _optim_problems(cfg) + _method_optim_problems(cfg)
 
     # the components' own checks: the method (given the backbone's class and config node: e.g. a
     # prompt method reads backbone.model_name to refuse a CNN), the backbone, the data

@@ -332,18 +332,22 @@ class CyclingLoader:
 
 def fit_iterations(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader, *, iterations: int,
                    optimizer: torch.optim.Optimizer, scheduler, rt: Runtime, where: str, num_classes: int,
-                   after_step: Callable[[int], None] | None = None, require_learning: bool = False) -> list[float]:
-    """Iteration-based training (``optim.iterations``, docs/diki_mtil_protocol.md#iteration-based-tasks):
+                   after_step: Callable[[int], None] | None = None, require_learning: bool = False,
+                   train_mode: Callable[[], None] | None = None) -> list[float]:
+    """Iteration-based training (``optim.iterations``, docs/diki_mtil_protocol.md#iteration-based-tasks;
+    Continual-FT, ZSCL and MoE-Adapters):
     optimizer steps ``s = 0..iterations`` (inclusive, as ZSCL's loop: ``iterations + 1`` steps) as one
     :func:`fit` epoch over the loader cycled (:class:`CyclingLoader`: a new, re-shuffled pass whenever
     the previous one is used up). The schedule is stepped after every optimizer step; ``after_step(s)``
-    runs after step ``s``'s update (ZSCL's weight average). Returns ``[mean loss over all steps]``."""
+    runs after step ``s``'s update (ZSCL's weight average); ``train_mode`` as in :func:`fit`. Returns
+    ``[mean loss over all steps]``."""
     if len(loader) == 0:
         raise ValueError(f"{where}: the training loader is empty")
     if scheduler is not None:
         scheduler.per_step = True
     return fit(model, CyclingLoader(loader, iterations + 1), epochs=1, optimizer=optimizer, scheduler=scheduler,
-               rt=rt, where=where, num_classes=num_classes, after_step=after_step, require_learning=require_learning)
+               rt=rt, where=where, num_classes=num_classes, after_step=after_step, require_learning=require_learning,
+               train_mode=train_mode)
 
 
 @torch.inference_mode()

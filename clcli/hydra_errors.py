@@ -120,6 +120,12 @@ def _unknown_key(exc, cause) -> str:
     if name in keys:  # read by the code, but no chosen preset sets it (e.g. milestones for a cosine schedule)
         return (f"{full_key}: not set by the chosen presets, so it cannot be changed; add it with {addition} "
                 "(clcli then checks that the chosen options read it).")
+    target = node.get("_target_") if node is not None and "_target_" in node else None
+    if isinstance(target, str):  # a key the component's class lists as replaced (its `moved_keys`)
+        from clcli.config import _moved_keys
+
+        if moved := _moved_keys(target).get(name):
+            return f"{full_key}: replaced by {moved}; set {moved}=VALUE instead (remove {full_key})."
     return (f"{full_key}: no such key in the configuration.{_suggestion(name, keys, parent + '.' if parent else '')} "
             f"{parent or 'The top level'} has: {', '.join(keys)}. Fix the name; a new key is added with {addition} "
             "(clcli then refuses it unless some code reads it).")

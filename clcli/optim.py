@@ -34,6 +34,10 @@ SCHEDULE_KEYS = {"multistep": ("milestones", "gamma"), "cosine": ("final_lr_rati
 # methods with a classifier head, which check it themselves.
 OPTIM_KEYS = ("lr.representation", "lr.classifier", "epochs", "batch_size", "schedule", "milestones", "gamma",
               "final_lr_ratio", "optimizer", "iterations", "warmup", "label_smoothing")
+# Optional ``optim`` keys only some methods read: a method class lists those it reads in its ``optim_keys``
+# attribute (the iteration-trained CLIP methods: clip_ft, zscl, moe_adapters); ``check_config`` refuses a
+# non-null one for any other method (an epoch-based method would silently ignore it).
+METHOD_OPTIM_KEYS = ("iterations", "label_smoothing")
 # Arguments of the optimizer the code passes itself (never config keys of ``optim.optimizer``).
 OPTIMIZER_ARGS = ("params", "lr")
 

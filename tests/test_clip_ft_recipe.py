@@ -131,3 +131,20 @@ def test_recipe_learns_on_synthetic_mtil(tmp_path):
     # it learns: each dataset's accuracy right after training it beats chance (1/4, 1/3, 1/5)
     chance = [25.0, 100 / 3, 20.0]
     assert sum(m[i, i] > chance[i] + 1 for i in range(3)) >= 2
+
+
+@pytest.mark.parametrize("method,extra", [("diki", ["data=synthetic_mtil", "backbone=tiny_clip"]),
+                                          ("zeroshot", ["data=synthetic_mtil", "backbone=tiny_clip"]),
+                                          ("slca", []), ("l2p", [])])
+def test_iteration_keys_are_refused_for_methods_that_train_by_epochs(method, extra):
+    """optim.iterations / optim.label_smoothing set with a method that does not read them (its class's
+    optim_keys) is a `clcli validate` problem naming the key and the methods that read it."""
+    from clcli.config import check_config
+
+    problems = check_config(compose([f"method={method}", *extra, "+optim.iterations=5", "+optim.label_smoothing=0.1"]))
+    for key in ("iterations", "label_smoothing"):
+        mine = [p for p in problems if p.startswith(f"optim.{key}: method={method} ")]
+        assert len(mine) == 1 and "only clip_ft, moe_adapters, zscl do" in mine[0], problems
+    assert not any(p.startswith("optim.iterations") for p in check_config(compose(RECIPE)))  # clip_ft reads it
+    cfg = compose([f"method={method}", *extra, "+optim.iterations=null"])  # null = epoch-based: fine
+    assert not any(p.startswith("optim.iterations") for p in check_config(cfg))

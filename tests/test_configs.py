@@ -71,8 +71,8 @@ def test_every_option_composes_and_validates(tmp_path, group):
             overrides += ["backbone=tiny_clip", "method=zeroshot"]
         if group == "backbone" and _clip_backbone(opt):
             overrides += ["method=zeroshot", "data=synthetic_mtil"]
-        if group == "optim" and "mtil" in opt:  # DIKI's schedule (ZSCL's: fine-tuning): no classifier lr
-            overrides += ["method=clip_ft" if "zscl" in opt else "method=diki", "backbone=tiny_clip",
+        if group == "optim" and "mtil" in opt:  # DIKI's schedule (ZSCL's, MoE's: iterations): no classifier lr
+            overrides += ["method=clip_ft" if ("zscl" in opt or "moe" in opt) else "method=diki", "backbone=tiny_clip",
                           "data=synthetic_mtil"]
         cfg = compose(overrides + _base(tmp_path))
         if group == "backbone" and "checkpoint_path" not in cfg.backbone:

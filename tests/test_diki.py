@@ -236,6 +236,67 @@ def test_zeroshot_equals_plain_clip_and_untrained_diki(backbone, scenario):
     torch.testing.assert_close(method.predict(EvalBatch(images, task, task.labels)), plain, rtol=1e-4, atol=1e-4)
 
 
+# ------------------------------------------------------------------ protocol
+# docs/diki_mtil_protocol.md#the-protocol-choice
+
+
+def _hand_classifier(model, tokenize, prompt_sets, task, weight):
+    """By hand: every template's full 77-token prompts through DIKI's text tower with ``task``'s residual
+    at ``weight``; one template = its features, several = the re-normalised mean of the normalised ones."""
+    feats = [model.encode_text(tokenize(p), task=task, weight=weight) for p in prompt_sets]
+    if len(feats) == 1:
+        return feats[0]
+    mean = torch.stack([f / f.norm(dim=-1, keepdim=True) for f in feats]).mean(0)
+    return mean / mean.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("task_select", ["batch", "sample"])
+def test_diki_evaluates_with_the_protocols_classifier(backbone, task_select):
+    """protocol=zscl: DIKI's logits use the template ensemble built through its own text tower with the
+    selected task's residual (second implementation by hand); protocol=diki: the first template only."""
+    from clcli.data.mtil_data import SyntheticMTILData
+
+    torch.manual_seed(4)
+    by = {p: SyntheticMTILData(protocol=p).build(backbone) for p in ("zscl", "diki")}
+    method = make_diki(backbone, by["zscl"], calibration={"task_select": task_select})
+    for t in by["zscl"].tasks[:2]:
+        method.begin_task(t)
+        with torch.no_grad():  # non-zero residual values so that tasks and weights matter
+            for p in method.model.residual_parameters(t.index):
+                p[1].normal_(0.0, 0.5)
+    single = make_diki(backbone, by["diki"], calibration={"task_select": task_select})
+    single.model, single.stats = method.model, method.stats  # same residuals and Gaussians
+    task = by["zscl"].tasks[2]
+    assert len(task.eval_prompt_sets()) == 3
+    images = torch.stack([task.test[i][0] for i in range(0, len(task.test), 2)])
+    model, scale = method.model, method.model.logit_scale
+    with torch.no_grad():
+        frozen = backbone.model.encode_image(images, normalize=True)
+        tasks, _, w = calibrate(method.stats, frozen, method.stats.keys, 512.0, 1.0)
+        assert len(set(tasks.tolist())) == 2  # both learned tasks are selected by some sample
+        hand = {}
+        for protocol, prompt_sets in (("zscl", task.eval_prompt_sets()), ("diki", [task.prompts()])):
+            if task_select == "batch":
+                k = majority_task(tasks)
+                img = model.encode_image(images, task=k, weight=w)
+                hand[protocol] = scale * img @ _hand_classifier(model, backbone.tokenize, prompt_sets, k, w.mean()).T
+            else:
+                hand[protocol] = torch.cat([
+                    scale * model.encode_image(images[b : b + 1], task=int(tasks[b]), weight=w[b : b + 1])
+                    @ _hand_classifier(model, backbone.tokenize, prompt_sets, int(tasks[b]), w[b]).T for b in range(len(images))])
+        ours = method.predict(EvalBatch(images, task, task.labels))
+        first = single.predict(EvalBatch(images, by["diki"].tasks[2], task.labels))
+    torch.testing.assert_close(ours, hand["zscl"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first, hand["diki"], rtol=1e-4, atol=1e-4)
+    assert (ours - first).abs().max() > 1e-2  # the ensemble is not the first template
+    # zero-shot CLIP honours the protocol the same way: frozen CLIP's ensemble classifier
+    zs = ZeroShotCLIP(backbone=backbone, optim=None, runtime=Runtime(), feature_cache="off")
+    zs.prepare_scenario(by["zscl"])
+    with torch.no_grad():
+        plain = scale * frozen @ _hand_classifier(model, backbone.tokenize, task.eval_prompt_sets(), None, None).T
+        torch.testing.assert_close(zs.predict(EvalBatch(images, task, task.labels)), plain, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------ end to end
 # docs/metrics.md#mtil-transfer
 

@@ -23,16 +23,18 @@ from omegaconf import OmegaConf
 from clcli.config import check_config
 from clcli.engine import CyclingLoader, Runtime
 from clcli.errors import ConfigError
+from clcli.methods import moe_adapters as moe_module
 from clcli.methods.base import EvalBatch
 from clcli.methods.clip_baselines import ZeroShotCLIP
-from clcli.methods.moe_adapters import MoEAdapters, warmup_cosine
+from clcli.methods.moe_adapters import MoEAdapters
 from clcli.models.ddas import AutoEncoder
 from clcli.models.moe import MoEClip, adapter_parameter_count, router_parameter_count, top_k_gates
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-OPTIM = {"lr": {"representation": 0.05}, "batch_size": 32, "epochs": 1, "schedule": "constant",
+OPTIM = {"lr": {"representation": 0.05}, "batch_size": 32, "iterations": 12, "warmup": 2, "schedule": "warmup_cosine",
+         "label_smoothing": 0.2,
          "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.0}}
-TINY = dict(experts=4, top_k=2, bottleneck=8, iterations=12, warmup_steps=2, lr_by_dataset={},
+TINY = dict(experts=4, top_k=2, bottleneck=8, lr_by_dataset={},
             ddas=dict(features="pixels", code_dim=16, ae0_data="noise", ae0_steps=100, task_steps=100, batch_size=16,
                       decay_every_epochs=50, threshold="auto", threshold_factor=1.5))
 
@@ -204,12 +206,74 @@ def test_frozen_experts_never_change_and_counts_add_up(tiny_clip, synthetic_mtil
         model.router_parameter_count()
 
 
-def test_warmup_cosine_schedule_and_iteration_budget():
-    lrs = [1e-5 * warmup_cosine(s, 1000, 100) for s in range(1001)]
-    assert lrs[0] == pytest.approx(1e-7) and lrs[99] == pytest.approx(1e-5) and lrs[100] == pytest.approx(1e-5)
-    assert lrs[550] == pytest.approx(5e-6) and lrs[1000] == pytest.approx(0.0, abs=1e-20)
+def moe_lr(s: int, lr: float, n: int, warmup: int) -> float:
+    """MoE-Adapters' lr at 0-based step s of n + 1 steps, by hand (the schedule of the former
+    method-specific implementation): lr(s+1)/warmup during the warm-up, then cosine to 0 at s = n."""
+    if s < warmup:
+        return lr * (s + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (n - warmup)))
+
+
+def test_training_steps_and_lr_per_step_follow_the_optim_keys(tiny_clip, synthetic_mtil, monkeypatch):
+    """optim.iterations + 1 optimizer steps, each at the hand-computed lr (the per-dataset lr scaled by the
+    warm-up / cosine factor of optim.warmup), the task loss smoothed by optim.label_smoothing."""
+    seen = {"lrs": []}
+    real = moe_module.fit_iterations
+
+    def spy(step, loader, *, optimizer, **kw):
+        seen["smoothing"] = step.smoothing
+        optimizer.register_step_pre_hook(lambda opt, *_: seen["lrs"].append(opt.param_groups[0]["lr"]))
+        return real(step, loader, optimizer=optimizer, **kw)
+
+    monkeypatch.setattr(moe_module, "fit_iterations", spy)
+    t0 = synthetic_mtil.tasks[0]
+    optim = {**OPTIM, "iterations": 9, "warmup": 3, "label_smoothing": 0.15}
+    method = MoEAdapters(backbone=tiny_clip, optim=OmegaConf.create(optim), runtime=Runtime(eval_batch_size=128),
+                         **{**TINY, "lr_by_dataset": {t0.name: 0.02}})
+    method.prepare_scenario(synthetic_mtil)
+    learn(method, t0)
+    assert len(seen["lrs"]) == 10 and method.history[0]["steps"] == 10
+    assert seen["lrs"] == pytest.approx([moe_lr(s, 0.02, 9, 3) for s in range(10)], rel=1e-12, abs=1e-15)
+    assert seen["smoothing"] == 0.15
+
+
+def test_reference_schedule_of_optim_mtil_moe():
+    """The composed method config (optim=mtil_moe): 1,001 steps, lr 1e-3 x (s+1)/100, then cosine to 0."""
+    from clcli import optim as optim_lib
+
+    o = compose_cfg(["method=moe_adapters", "data=synthetic_mtil", "backbone=tiny_clip"]).optim
+    assert (o.iterations, o.warmup, o.schedule, o.label_smoothing, o.batch_size) == (1000, 100, "warmup_cosine", 0.2, 64)
+    assert o.lr.representation == 1e-3 and o.optimizer.weight_decay == 0.0
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = optim_lib.make_optimizer(o, [([p], 5e-3)])  # a per-dataset lr (aircraft)
+    sched = optim_lib.make_scheduler(o, opt, steps_per_epoch=7)
+    lrs = []
+    for _ in range(o.iterations + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([moe_lr(s, 5e-3, 1000, 100) for s in range(1001)], rel=1e-12, abs=1e-18)
+    assert lrs[0] == pytest.approx(5e-5) and lrs[99] == pytest.approx(5e-3) and lrs[1000] == pytest.approx(0, abs=1e-18)
     seen = list(CyclingLoader([[1], [2], [3]], 7))  # re-iterates the loader when it runs out
     assert seen == [[1], [2], [3], [1], [2], [3], [1]] and len(CyclingLoader([[1]], 7)) == 7
+
+
+def test_old_method_keys_name_their_replacement(capsys, tmp_path, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    base = ["experiment=diki/moe_adapters_tiny"]
+    for old, new in (("iterations", "iterations"), ("warmup_steps", "warmup"), ("label_smoothing", "label_smoothing")):
+        code, out = run_cli(["validate", *base, f"method.{old}=5"], capsys)  # without +: Hydra's own refusal
+        assert code == 2 and f"method.{old}: replaced by optim.{new}" in " ".join(out.split()), out
+    problems = check_config(compose_cfg(base + ["+method.iterations=5", "+method.warmup_steps=3",
+                                                "+method.label_smoothing=0.1"]))
+    for old, new, value in (("iterations", "iterations", 5), ("warmup_steps", "warmup", 3),
+                            ("label_smoothing", "label_smoothing", 0.1)):
+        assert any(p.startswith(f"method.{old}: replaced by optim.{new}") and f"optim.{new}={value}" in p
+                   for p in problems), (old, problems)
+    problems = check_config(compose_cfg(base + ["optim.iterations=null", "+optim.epochs=2"]))
+    assert any(p.startswith("optim.iterations: moe_adapters trains a fixed number") for p in problems), problems
 
 
 # ------------------------------------------------------------------ DDAS (docs/moe_adapters.md#ddas)
@@ -287,7 +351,8 @@ def test_learns_on_synthetic_mtil(tmp_path):
 @pytest.mark.parametrize("preset,data,iterations,threshold", [
     ("moe_adapters_order1", "mtil_order1", 1000, 0.0655),
     ("moe_adapters_order2", "mtil_order2", 1000, 0.0655),
-    ("moe_adapters_fewshot", "mtil_fewshot5", 500, 0.0585),
+    ("moe_adapters_fewshot", "mtil_fewshot", 500, 0.0585),  # DIKI's MTIL-FS (16 shots, 8 datasets)
+    ("moe_adapters_fewshot5", "mtil_fewshot5", 500, 0.0585),  # MoE-Adapters' own (5 shots, 11 datasets)
 ])
 def test_presets_compose_and_validate(preset, data, iterations, threshold, tmp_path):
     weights = tmp_path / "ViT-B-16.pt"
@@ -295,7 +360,9 @@ def test_presets_compose_and_validate(preset, data, iterations, threshold, tmp_p
     base = [f"experiment=diki/{preset}", f"backbone.checkpoint_path={weights}", "backbone.pretrained=null",
             f"paths.data_dir={tmp_path}"]
     cfg = compose_cfg(base)
-    assert cfg.data.name == data and cfg.method.iterations == iterations
+    assert cfg.data.name == data and cfg.optim.iterations == iterations and "iterations" not in cfg.method
+    assert (cfg.optim.warmup, cfg.optim.label_smoothing, cfg.optim.schedule) == (100, 0.2, "warmup_cosine")
+    assert cfg.optim.lr.representation == 1e-3
     assert cfg.method.ddas.threshold == threshold and cfg.method.experts == 22 and cfg.method.top_k == 2
     assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and cfg.optim.optimizer.weight_decay == 0.0
     assert cfg.optim.batch_size == 64 and cfg.eval.batch_size == 128
@@ -337,11 +404,12 @@ def test_sweep_validates_every_job(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "ViT-B-16.pt"
     weights.write_bytes(b"0")
-    code, out = run_cli(["validate", "+sweep=moe_adapters_mtil", f"backbone.checkpoint_path={weights}",
+    code, out = run_cli(["validate", "+sweep=diki_mtil", f"backbone.checkpoint_path={weights}",
                          "backbone.pretrained=null", f"paths.data_dir={tmp_path}"], capsys)
     flat = " ".join(out.split())
-    assert code == 2  # the MTIL data, AlexNet weights and TinyImageNet are not on this machine
-    for preset in ("order1", "order2", "fewshot"):
+    assert code == 2  # the MTIL data, AlexNet weights, TinyImageNet, ZSCL's reference data are not here
+    for row in ("zeroshot", "clip_ft", "zscl", "moe_adapters", "diki"):  # DIKI's table, MoE-Adapters included
         for seed in (1993, 1996, 1997):
-            assert f"experiment=diki/moe_adapters_{preset} seed={seed} +sweep=moe_adapters_mtil" in flat, (preset, seed)
+            assert f"experiment=diki/{row}_order1 seed={seed} +sweep=diki_mtil" in flat, (row, seed)
+    assert "method.ddas.alexnet_weights" in flat
     assert "Traceback" not in out and "method.top_k" not in out

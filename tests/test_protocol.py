@@ -134,12 +134,29 @@ def test_diki_sweeps_compose_and_validate(sweep):
 
     raw = OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml")
     experiments = str(raw.hydra.sweeper.params["experiment"]).split(",")
-    assert any("zscl" in e for e in experiments)
+    rows = ["zeroshot", "clip_ft", "zscl", "moe_adapters", "diki"]  # the table's rows, in this order
+    assert [next(r for r in rows if e.split("/")[1].replace("tiny_", "").startswith(r)) for e in experiments] == rows
     for exp in experiments:
         cfg = compose([f"experiment={exp}"])
-        problems = [p for p in check_config(cfg) if not p.startswith(("data:", "backbone", "method.ref_"))
+        # the data, CLIP weights and user-provided reference files are not on this machine
+        problems = [p for p in check_config(cfg) if not p.startswith(("data:", "backbone", "method.ref_",
+                                                                       "method.ddas.alexnet_weights",
+                                                                       "method.ddas.tinyimagenet_dir"))
                     and " is missing" not in p and "not cached" not in p]
         assert problems == [], (exp, problems)
+        if "moe_adapters" in exp:  # MoE-Adapters' recipe through the shared optim keys (optim=mtil_moe)
+            assert cfg.data.protocol == "zscl" and cfg.optim.schedule == "warmup_cosine"
+            assert cfg.optim.label_smoothing == 0.2 and cfg.optim.optimizer.weight_decay == 0.0
+            if not exp.endswith("tiny"):
+                assert cfg.optim.iterations == (500 if exp.endswith("fewshot") else 1000)
+                assert cfg.optim.batch_size == 64 and cfg.optim.warmup == 100 and cfg.optim.lr.representation == 1e-3
+                assert cfg.data.name == {"order1": "mtil_order1", "order2": "mtil_order2",
+                                         "fewshot": "mtil_fewshot"}[exp.rsplit("_", 1)[1]]
+                assert cfg.data.num_shots == (16 if exp.endswith("fewshot") else -1)
+                assert "protocol" in cfg.paper and "note" in cfg.paper and "unverified" in cfg.paper
+                if not exp.endswith("fewshot"):  # published (third-party transcriptions, flagged)
+                    assert cfg.paper.protocol == "zscl" and cfg.paper.source and set(cfg.paper.unverified) == \
+                        {"transfer", "avg", "last"} and "Secondary source" in cfg.paper.note
         if "clip_ft" in exp or "zscl" in exp:
             assert cfg.data.protocol == "zscl" and cfg.optim.schedule == "warmup_cosine"
             if not exp.startswith("diki/tiny"):
@@ -147,3 +164,23 @@ def test_diki_sweeps_compose_and_validate(sweep):
                 assert dict(cfg.method.lr_by_dataset) == {"aircraft": 5e-5, "mnist": 5e-5}
                 assert cfg.optim.lr.representation == 1e-5 and cfg.method.augment == "zscl_rrc"
                 assert cfg.paper.protocol in ("zscl", None)
+
+
+@pytest.mark.slow
+def test_tiny_diki_table_prints_every_row_with_its_protocol(tmp_path, capsys, monkeypatch):
+    """`clcli train +sweep=diki_mtil_tiny` then `clcli table`: the five rows of DIKI's table (a few
+    minutes on CPU), each with the protocol it ran under."""
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(["train", "+sweep=diki_mtil_tiny", f"hydra.sweep.dir={tmp_path / 'tiny'}"], capsys)
+    assert code == 0, out[-3000:]
+    code, out = run_cli(["table", str(tmp_path / "tiny")], capsys, stdout_only=True)
+    assert code == 0, out
+    rows = {}  # headline table: group | seeds | protocol | transfer | avg | last
+    for line in out.split("MTIL per dataset")[0].splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 6 and cells[1].startswith("diki/"):
+            rows[cells[1]] = cells[3]
+    assert rows == {"diki/tiny_zeroshot": "diki", "diki/tiny_clip_ft": "zscl", "diki/tiny_zscl": "zscl",
+                    "diki/moe_adapters_tiny": "zscl", "diki/tiny_diki": "diki"}, out

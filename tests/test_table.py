@@ -320,7 +320,7 @@ def test_every_paper_table_cell_has_an_experiment():
             for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
     diki = {f"diki/{m}_{o}" for m in ("diki", "zeroshot", "clip_ft", "zscl") for o in ("order1", "order2", "fewshot")}
     diki |= {f"diki/tiny_{m}" for m in ("diki", "zeroshot", "clip_ft", "zscl")}  # the tiny CPU benchmark
-    diki |= {f"diki/moe_adapters_{o}" for o in ("order1", "order2", "fewshot", "tiny")}
+    diki |= {f"diki/moe_adapters_{o}" for o in ("order1", "order2", "fewshot", "fewshot5", "tiny")}
     prompts = {f"prompts/{m}{ca}_{b}_{p}" for m in ("l2p", "dualprompt", "coda_prompt") for ca in ("", "_ca")
                for b in ("cifar100", "imagenet_r", "cub200", "cars196") for p in ("in21k", "mocov3")}
     assert set(EXPERIMENTS) == slca | diki | prompts
@@ -416,9 +416,10 @@ def test_sweep_expands_to_experiments_times_seeds(sweep):
     elif sweep.startswith("slca_"):
         assert len(experiments) == 16 and all(e.endswith(sweep.split("_")[1]) for e in experiments)
     elif sweep == "diki_mtil_tiny":  # every row of the table on the tiny CPU benchmark
-        assert experiments == {f"diki/tiny_{m}" for m in ("zeroshot", "clip_ft", "zscl", "diki")}
-    elif sweep.startswith("diki_"):  # zero-shot, Continual-FT, ZSCL, DIKI on one benchmark
-        assert len(experiments) == 4 and len({e.rsplit("_", 1)[1] for e in experiments}) == 1
+        assert experiments == {f"diki/tiny_{m}" for m in ("zeroshot", "clip_ft", "zscl", "diki")} | \
+            {"diki/moe_adapters_tiny"}
+    elif sweep.startswith("diki_"):  # zero-shot, Continual-FT, ZSCL, MoE-Adapters, DIKI on one benchmark
+        assert len(experiments) == 5 and len({e.rsplit("_", 1)[1] for e in experiments}) == 1
     elif sweep.startswith("prompts_"):  # tests/test_prompts.py checks these cells
         assert len(experiments) == 24 and all(e.startswith("prompts/") and e.endswith(sweep.split("_")[1]) for e in experiments)
     for job_overrides in (jobs[0], jobs[-1]):

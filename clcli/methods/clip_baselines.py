@@ -14,7 +14,8 @@ classifier head: the text features of the class prompts are the classifier.
   cosine, label smoothing 0.2, random resized crop, per-dataset lrs;
   docs/diki_mtil_protocol.md#continual-ft-zscl-recipe).
 - The evaluation classifier follows the scenario's protocol (:meth:`PromptBank.classifier`): the
-  first template, or the normalised mean of the template ensemble (docs/diki_mtil_protocol.md#the-protocol-choice).
+  first template, or the normalised mean of the template ensemble (:func:`ensemble_mean`;
+  docs/diki_mtil_protocol.md#the-protocol-choice); DIKI and MoE-Adapters build it through their own towers.
 - :class:`PromptBank`, :func:`cosine_logits`, :func:`clip_problems`, :func:`classifier_lr_problems`: shared
   with :mod:`clcli.methods.diki`.
 """
@@ -118,15 +119,31 @@ class PromptBank:
         ``encode_text(tokens(candidates))`` for the single template; for an ensemble, every template's
         prompts are encoded and L2-normalised, averaged over the templates, and the mean re-normalised
         (ZSCL's zero-shot head). A method honours the protocol by building its classifier here."""
+        sets = self.eval_token_sets(candidates, device)
+        if not self.ensemble(candidates):
+            return encode_text(sets[0])
+        return ensemble_mean([encode_text(tok) for tok in sets])
+
+    def eval_token_sets(self, candidates: range, device: torch.device | str) -> list[torch.Tensor]:
+        """The evaluation prompts of ``candidates`` as token rows, one tensor per template (truncated,
+        on ``device``): ``[tokens(candidates)]`` for the single template, every template's prompts for
+        an ensemble (a method that encodes them itself combines them with :func:`ensemble_mean`)."""
         key = (candidates.start, candidates.stop)
         if key not in self._ensembles:
-            return encode_text(self.tokens(candidates, device))
+            return [self.tokens(candidates, device)]
         ck = (*key, str(device))
         if ck not in self._ensemble_cache:
             self._ensemble_cache[ck] = [self.backbone.truncate_tokens(self.backbone.tokenize(p)).to(device)
                                         for p in self._ensembles[key]]
-        feats = torch.stack([F.normalize(encode_text(tok).float(), dim=-1) for tok in self._ensemble_cache[ck]])
-        return F.normalize(feats.mean(dim=0), dim=-1)
+        return self._ensemble_cache[ck]
+
+
+def ensemble_mean(features: list[torch.Tensor]) -> torch.Tensor:
+    """ZSCL's template-ensemble classifier from per-template text features ``[..., C, D]``: each
+    L2-normalised (float32), averaged over the templates, the mean re-normalised
+    (docs/diki_mtil_protocol.md#the-protocol-choice)."""
+    feats = torch.stack([F.normalize(f.float(), dim=-1) for f in features])
+    return F.normalize(feats.mean(dim=0), dim=-1)
 
 
 class _PromptClassifierCLIP:
@@ -283,6 +300,8 @@ class ContinualCLIPFT(_PromptClassifierCLIP):
     """
 
     name = "clip_ft"
+    # The optional optim keys this method reads (clcli.config refuses them for methods that do not).
+    optim_keys = ("iterations", "label_smoothing")
 
     def __init__(self, backbone, optim, runtime: Runtime, lr_by_dataset: dict | None = None, augment: str = "none"):
         problems = self.ft_problems(optim, type(backbone), lr_by_dataset=lr_by_dataset, augment=augment)

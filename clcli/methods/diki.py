@@ -28,7 +28,10 @@ Per task t (a dataset of the MTIL sequence; spec §10 gives the control flow):
    likelihood, even when its own k_b lost the vote, §8 item 2) and the text residual by mean_b(w_b).
    With ``task_select: sample`` each sample uses its own k_b and its own w_b for both its image and
    its own text features (§4.3: the reference crashes in this mode, so the text weighting is ours);
-   computed by grouping the samples by selected task.
+   computed by grouping the samples by selected task. The text classifier follows the scenario's
+   protocol (``data.protocol``, :meth:`PromptBank.classifier`): the first template (DIKI's), or under
+   ``zscl`` ZSCL's template ensemble, every template encoded through the same residual at the same
+   weight (docs/diki_mtil_protocol.md#the-protocol-choice).
 
 The frozen features of every test set are computed once per run and cached (``method.feature_cache``,
 :mod:`clcli.cache`, §7 item 4): an eval batch named by the evaluator (test set, position in its loader)
@@ -60,7 +63,14 @@ from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, extract_features, fit
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
-from clcli.methods.clip_baselines import PromptBank, classifier_lr_problems, clip_problems, cosine_logits, not_positive
+from clcli.methods.clip_baselines import (
+    PromptBank,
+    classifier_lr_problems,
+    clip_problems,
+    cosine_logits,
+    ensemble_mean,
+    not_positive,
+)
 from clcli.models.clip import ClipBackbone
 from clcli.models.residual_attention import DikiClip
 from clcli.stats import GaussianStats
@@ -293,23 +303,22 @@ class DIKI:
 
     @torch.no_grad()
     def predict(self, batch: EvalBatch) -> torch.Tensor:
-        images, dataset = batch.images, batch.task.index  # MTIL: the evaluated dataset is given
-        tokens = self.bank.tokens(batch.candidates, self.rt.device)
+        images, dataset, c = batch.images, batch.task.index, batch.candidates  # MTIL: the evaluated dataset is given
         scale = self.model.logit_scale
         learned = self.stats.keys
         frozen = self.frozen(batch)  # cached across stages where exact (§7 item 4)
         if not learned:  # nothing learned yet: the model is zero-shot CLIP (the reference crashes, §8 item 13)
-            return cosine_logits(frozen, self._text(dataset, tokens, None, 0.0), scale)
+            return cosine_logits(frozen, self._text(dataset, c, None, 0.0), scale)
         tasks, _, w = calibrate(self.stats, frozen, learned, self.calibration["scale"], self.calibration["shift"])
         if self.calibration["task_select"] == "batch":
             k = majority_task(tasks)
             img = self.model.encode_image(images, task=k, weight=w)  # per-sample vision weight
-            return cosine_logits(img, self._text(dataset, tokens, k, w.mean()), scale)  # batch-mean text weight
-        logits = torch.empty(images.shape[0], tokens.shape[0], device=images.device, dtype=torch.float32)
+            return cosine_logits(img, self._text(dataset, c, k, w.mean()), scale)  # batch-mean text weight
+        logits = torch.empty(images.shape[0], len(c), device=images.device, dtype=torch.float32)
         for k in torch.unique(tasks).tolist():  # group the samples by their own task
             idx = torch.nonzero(tasks == k).squeeze(1)
             img = self.model.encode_image(images[idx], task=k, weight=w[idx]).float()
-            txt = self._per_sample_text(dataset, tokens, k, w[idx]).float()  # [n, C, D]
+            txt = self._per_sample_text(dataset, c, k, w[idx]).float()  # [n, C, D]
             logits[idx] = scale * torch.einsum("nd,ncd->nc", img, txt)
         return logits
 
@@ -326,39 +335,50 @@ class DIKI:
         for f, _ in extract_features(self.backbone.features, task.train_plain, self.rt, description=f"Gaussian {task.name}"):
             yield f
 
-    def _text(self, dataset: int, tokens: torch.Tensor, task: int | None, weight) -> torch.Tensor:
-        """Text features of ``dataset``'s prompts with ``task``'s residual scaled by the scalar
-        ``weight``; cached only where reuse is exact (weight 0 = zero-shot CLIP, weight exactly 1)."""
+    def _text(self, dataset: int, candidates: range, task: int | None, weight) -> torch.Tensor:
+        """The text classifier of ``dataset`` (its ``candidates``) with ``task``'s residual scaled by the
+        scalar ``weight``, under the scenario's protocol (:meth:`PromptBank.classifier`: the first template,
+        or ZSCL's template ensemble with every template encoded through the same residual); cached only
+        where reuse is exact (weight 0 = zero-shot CLIP, weight exactly 1)."""
         w = float(weight)
         if task is None or w == 0.0:
             key = (dataset, None)
         elif w == 1.0:
             key = (dataset, task)
         else:
-            return self.model.encode_text(tokens, task=task, weight=weight)
+            return self._encode_classifier(candidates, task, weight)
         if key not in self._text_cache:
-            self._text_cache[key] = self.model.encode_text(tokens, task=key[1], weight=None if key[1] is None else 1.0)
+            self._text_cache[key] = self._encode_classifier(candidates, key[1], None if key[1] is None else 1.0)
         return self._text_cache[key]
 
-    def _per_sample_text(self, dataset: int, tokens: torch.Tensor, task: int, weights: torch.Tensor) -> torch.Tensor:
-        """``[n, C, D]``: for sample b, the dataset's C prompt features with ``task``'s text residual
-        scaled by the sample's own w_b (``task_select: sample``). Each distinct weight is encoded once;
-        several weights share one text-tower call (one weight per prompt row)."""
-        n_cls = tokens.shape[0]
+    def _encode_classifier(self, candidates: range, task: int | None, weight) -> torch.Tensor:
+        return self.bank.classifier(lambda tokens: self.model.encode_text(tokens, task=task, weight=weight),
+                                    candidates, self.rt.device)
+
+    def _per_sample_text(self, dataset: int, candidates: range, task: int, weights: torch.Tensor) -> torch.Tensor:
+        """``[n, C, D]``: for sample b, the dataset's C class features with ``task``'s text residual
+        scaled by the sample's own w_b (``task_select: sample``), under the protocol (an ensemble
+        combines every template's features per weight, :func:`ensemble_mean`). Each distinct weight is
+        encoded once; several weights share one text-tower call (one weight per prompt row)."""
+        sets = self.bank.eval_token_sets(candidates, self.rt.device)
+        ensemble = self.bank.ensemble(candidates)
+        n_cls = len(candidates)
         uniq, inverse = torch.unique(weights, return_inverse=True)
         feats: list[torch.Tensor | None] = [None] * len(uniq)
         rest = []
         for j, w in enumerate(uniq.tolist()):
             if w in (0.0, 1.0):
-                feats[j] = self._text(dataset, tokens, task, w)
+                feats[j] = self._text(dataset, candidates, task, w)
             else:
                 rest.append(j)
         per_call = max(1, MAX_PROMPTS_PER_PASS // n_cls)
         for s in range(0, len(rest), per_call):
             chunk = rest[s : s + per_call]
             wc = uniq[chunk].repeat_interleave(n_cls)  # prompt row j*C + c gets weight j
-            out = self.model.encode_text(tokens.repeat(len(chunk), 1), task=task, weight=wc)
-            for j, f in zip(chunk, out.view(len(chunk), n_cls, -1)):
+            outs = [self.model.encode_text(tok.repeat(len(chunk), 1), task=task, weight=wc).view(len(chunk), n_cls, -1)
+                    for tok in sets]
+            out = ensemble_mean(outs) if ensemble else outs[0]
+            for j, f in zip(chunk, out):
                 feats[j] = f
         return torch.stack(feats)[inverse]
 

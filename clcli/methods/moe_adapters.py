@@ -9,10 +9,11 @@ Per task t (a dataset of the MTIL sequence):
    :class:`~clcli.models.moe.MoEClip`); reset the expert selection counts. Before the first task,
    train DDAS's autoencoder 0 on the generic image set (docs/moe_adapters.md#ddas).
 2. ``train_task``: train the experts not yet frozen and router t (a fresh AdamW over exactly those)
-   with the oracle router t, for ``iterations`` + 1 steps of batch ``optim.batch_size`` (the loader is
-   re-shuffled each time it runs out; :class:`CyclingLoader`), lr ``lr_by_dataset[name]`` (else
-   ``optim.lr.representation``) with ``warmup_steps`` linear warm-up then cosine to 0
-   (:func:`warmup_cosine`); CE with ``label_smoothing`` over t's classes of 100·cos (logit scale of
+   with the oracle router t, for ``optim.iterations`` + 1 steps of batch ``optim.batch_size``
+   (:func:`~clcli.engine.fit_iterations`: the loader is re-shuffled each time it runs out), lr
+   ``lr_by_dataset[name]`` (else ``optim.lr.representation``) under ``optim.schedule`` (``warmup_cosine``:
+   ``optim.warmup`` linear warm-up steps then cosine to 0, :func:`clcli.optim.warmup_cosine`, the
+   scheduler ZSCL's recipe uses); CE with ``optim.label_smoothing`` over t's classes of 100·cos (logit scale of
    the checkpoint), both towers adapted, the prompts re-encoded every step. Router noise and expert
    dropout in training only. Every selection is counted per block and tower.
 3. ``end_task``: freeze the ``freeze_top`` most selected experts of every block (activate-and-freeze,
@@ -24,13 +25,12 @@ Per task t (a dataset of the MTIL sequence):
    dataset's classes (``batch.candidates``; the dataset identity is used for the label space only).
 
 Deviations (docs/moe_adapters.md#deviations): only trained autoencoders compete; the frozen set lives
-in the checkpointed method state; no RandomResizedCrop unless the data protocol provides it; the
-iteration budget, warm-up and label smoothing are method keys.
+in the checkpointed method state; no RandomResizedCrop unless the data protocol provides it. The
+iteration budget, warm-up and label smoothing are the shared ``optim`` keys (``optim=mtil_moe``).
 """
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from torch import nn
 
 from clcli import optim as optim_lib
 from clcli.data.scenario import Scenario, Task
-from clcli.engine import CyclingLoader, Runtime, fit
+from clcli.engine import Runtime, fit_iterations
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
 from clcli.methods.clip_baselines import PromptBank, classifier_lr_problems, clip_problems, cosine_logits, not_positive
@@ -59,15 +59,6 @@ AE0_DATA = ("tinyimagenet", "noise")
 GRANULARITY = ("batch", "sample")
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """lr multiplier at 0-based ``step`` of ``total`` + 1 steps: ``(s+1)/warmup`` for s < warmup,
-    then ``½(1 + cos(π(s − warmup)/(total − warmup)))``, 0 at s = total (docs/moe_adapters.md#training)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
 
 
 class MoEStep(nn.Module):
@@ -133,21 +124,25 @@ class MoEAdapters:
 
     Args (``conf/method/moe_adapters.yaml``): ``experts`` (22), ``top_k`` (2), ``bottleneck`` (64),
     ``scale`` (0.1), ``dropout`` (0.1), ``towers`` ([vision, text]), ``freeze_top`` (2),
-    ``iterations`` (1000: 1001 steps per task), ``warmup_steps`` (100), ``label_smoothing`` (0.2),
     ``lr_by_dataset`` (task name → lr; others use ``optim.lr.representation``), ``selector``
     (``ddas``; ``oracle`` = the evaluated dataset's router if learned, an upper bound that is not the
-    protocol), ``ddas`` (see :data:`DDAS_DEFAULTS` and docs/moe_adapters.md#ddas).
+    protocol), ``ddas`` (see :data:`DDAS_DEFAULTS` and docs/moe_adapters.md#ddas). Training length,
+    warm-up and label smoothing are ``optim.iterations`` / ``optim.warmup`` / ``optim.label_smoothing``
+    (``conf/optim/mtil_moe.yaml``).
     """
 
+    # The optional optim keys this method reads (clcli.config refuses them for methods that do not).
+    optim_keys = ("iterations", "label_smoothing")
+    # Method keys that became optim keys: `clcli validate` names the replacement (clcli.config).
+    moved_keys = {"iterations": "optim.iterations", "warmup_steps": "optim.warmup",
+                  "label_smoothing": "optim.label_smoothing"}
+
     def __init__(self, backbone, optim, runtime: Runtime, experts: int = 22, top_k: int = 2, bottleneck: int = 64,
-                 scale: float = 0.1, dropout: float = 0.1, towers=TOWERS, freeze_top: int = 2, iterations: int = 1000,
-                 warmup_steps: int = 100, label_smoothing: float = 0.2, lr_by_dataset: dict | None = None,
-                 selector: str = "ddas", ddas: dict | None = None):
+                 scale: float = 0.1, dropout: float = 0.1, towers=TOWERS, freeze_top: int = 2,
+                 lr_by_dataset: dict | None = None, selector: str = "ddas", ddas: dict | None = None):
         problems = self.config_problems(optim, type(backbone), experts=experts, top_k=top_k, bottleneck=bottleneck,
                                         scale=scale, dropout=dropout, towers=towers, freeze_top=freeze_top,
-                                        iterations=iterations, warmup_steps=warmup_steps,
-                                        label_smoothing=label_smoothing, lr_by_dataset=lr_by_dataset,
-                                        selector=selector, ddas=ddas)
+                                        lr_by_dataset=lr_by_dataset, selector=selector, ddas=ddas)
         if problems:
             raise ConfigError(problems)
         if backbone.dtype != torch.float32:  # the reference casts every weight to fp32 (docs/moe_adapters.md#training)
@@ -160,8 +155,7 @@ class MoEAdapters:
         self.optim, self.rt = optim, runtime
         self.model = MoEClip(backbone, experts=experts, top_k=top_k, bottleneck=bottleneck, scale=scale,
                              dropout=dropout, towers=towers).to(runtime.device)
-        self.freeze_top, self.iterations, self.warmup = int(freeze_top), int(iterations), int(warmup_steps)
-        self.label_smoothing = float(label_smoothing)
+        self.freeze_top = int(freeze_top)
         self.lr_by_dataset = {str(k): float(v) for k, v in dict(lr_by_dataset or {}).items()}
         self.selector = selector
         self.ddas_cfg = {**DDAS_DEFAULTS, **dict(ddas or {})}
@@ -183,12 +177,11 @@ class MoEAdapters:
     # ------------------------------------------------------------------ config checks
     @staticmethod
     def config_problems(optim, backbone=None, *, experts=22, top_k=2, bottleneck=64, scale=0.1, dropout=0.1,
-                        towers=TOWERS, freeze_top=2, iterations=1000, warmup_steps=100, label_smoothing=0.2,
-                        lr_by_dataset=None, selector="ddas", ddas=None, **_) -> list[str]:
+                        towers=TOWERS, freeze_top=2, lr_by_dataset=None, selector="ddas", ddas=None, **_) -> list[str]:
         """Problems of the method's keys, backbone class and learning rate (``clcli validate`` and the
         constructor), including the user-provided DDAS files (AlexNet weights, TinyImageNet)."""
         p: list[str] = clip_problems(backbone, "moe_adapters") + classifier_lr_problems(optim, "moe_adapters")
-        for key, value in (("experts", experts), ("bottleneck", bottleneck), ("iterations", iterations)):
+        for key, value in (("experts", experts), ("bottleneck", bottleneck)):
             if not _positive_int(value):
                 p.append(f"method.{key}: expected an integer >= 1, got {value!r}.")
         if not _positive_int(top_k) or (_positive_int(experts) and top_k > experts):
@@ -196,13 +189,13 @@ class MoEAdapters:
         if not (isinstance(freeze_top, int) and not isinstance(freeze_top, bool) and freeze_top >= 0):
             p.append(f"method.freeze_top: expected an integer >= 0 (experts frozen per block after a task; 2 in "
                      f"MoE-Adapters), got {freeze_top!r}.")
-        if not (isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool) and warmup_steps >= 0):
-            p.append(f"method.warmup_steps: expected an integer >= 0, got {warmup_steps!r}.")
         if not _number(scale):
             p.append(f"method.scale: expected a number (0.1 in MoE-Adapters), got {scale!r}.")
-        for key, value in (("dropout", dropout), ("label_smoothing", label_smoothing)):
-            if not _number(value) or not 0 <= value < 1:
-                p.append(f"method.{key}: expected a number in [0, 1), got {value!r}.")
+        if not _number(dropout) or not 0 <= dropout < 1:
+            p.append(f"method.dropout: expected a number in [0, 1), got {dropout!r}.")
+        if optim.get("iterations") is None:
+            p.append("optim.iterations: moe_adapters trains a fixed number of optimizer steps per task (steps "
+                     "0..iterations) and has no epochs; set it (optim=mtil_moe: 1000, the reference).")
         bad_towers = [t for t in (towers or []) if t not in TOWERS]
         if not towers or bad_towers or isinstance(towers, str):
             p.append(f"method.towers: expected a non-empty list of {list(TOWERS)}, got {towers!r}.")
@@ -247,22 +240,20 @@ class MoEAdapters:
         trainable = sum(p.numel() for p in params)
         lr = self.task_lr(task)
         opt = optim_lib.make_optimizer(o, [(params, lr)])
-        total = self.iterations
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, self.warmup))
-        sched.per_step = True
-        loader = CyclingLoader(rt.loader(task.train, o.batch_size, shuffle=True), total + 1)
+        loader = rt.loader(task.train, o.batch_size, shuffle=True)
+        sched = optim_lib.make_scheduler(o, opt, len(loader))  # warmup_cosine over steps 0..optim.iterations
         step = MoEStep(self.model, self.bank.tokens(task.labels, rt.device), t, task.labels.start,
-                       self.label_smoothing)
+                       o.get("label_smoothing") or 0.0)
         self.model.counting = True
         try:
-            losses = fit(step, loader, epochs=1, optimizer=opt, scheduler=sched, rt=rt,
-                         where=f"task {t} ({task.name})", num_classes=task.num_classes,
-                         train_mode=lambda: self.model.train())
+            losses = fit_iterations(step, loader, iterations=int(o.iterations), optimizer=opt, scheduler=sched, rt=rt,
+                                    where=f"task {t} ({task.name})", num_classes=task.num_classes,
+                                    train_mode=lambda: self.model.train())
         finally:
             self.model.counting = False
             self.model.eval()
             self.model.set_trainable(None)
-        self.history.append({"task": t, "name": task.name, "lr": lr, "steps": total + 1, "train_loss": losses,
+        self.history.append({"task": t, "name": task.name, "lr": lr, "steps": int(o.iterations) + 1, "train_loss": losses,
                              "trainable_parameters": trainable,
                              "counts": {tw: c.tolist() for tw, c in self.model.counts.items()}})
 
