@@ -12,7 +12,6 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 from PIL import Image
-from scipy.io import savemat
 from torch.utils.data import random_split
 
 from clcli.data import mtil
@@ -149,6 +148,7 @@ def test_oxford_pet_trainval_test(tmp_path):
 
 
 def test_stanford_cars_official_train_test(tmp_path):
+    savemat = pytest.importorskip("scipy.io").savemat
     root = tmp_path / "stanford_cars"
     os.makedirs(root / "devkit")
     annos = {"train": [("00002.jpg", 2), ("00001.jpg", 1)], "test": [("00001.jpg", 2), ("00002.jpg", 1)]}
@@ -167,6 +167,7 @@ def test_stanford_cars_official_train_test(tmp_path):
 
 
 def test_flowers102_setid(tmp_path, monkeypatch):
+    savemat = pytest.importorskip("scipy.io").savemat
     root = tmp_path / "flowers-102"
     labels = [2, 1, 2, 1, 2]  # image_00001 .. image_00005
     os.makedirs(root)
