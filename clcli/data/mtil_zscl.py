@@ -288,16 +288,17 @@ def zscl_problems(src) -> list[str]:
     if src.facts.listing == "torchvision":
         return src.coop_problems()
     z = ZSCL_SPLITS[src.name]
+    layout = f"data.protocol=zscl reads {', '.join(f'<root>/{r}' for r in z.needs)}"
     if not os.path.isdir(src.root):
-        return [f"{src.name}: dataset folder {src.root} is missing (data.protocol=zscl). Get it: {src.facts.get_it}"]
+        get = src.facts.get_it + (f"; then {z.get_it}" if z.get_it else "")
+        return [f"{src.name}: dataset folder {src.root} is missing ({layout}). Get it: {get}"]
     base = mtil._aircraft_dir(src.root) if src.facts.listing == "aircraft" else src.root
     out = []
     for rel in z.needs:
         path = os.path.join(base, rel.rstrip("/"))
         if not (os.path.isdir(path) if rel.endswith("/") else os.path.isfile(path)):
             what = "folder" if rel.endswith("/") else "file"
-            out.append(f"{src.name}: {what} {path} is missing; data.protocol=zscl reads ZSCL's split from it. "
-                       f"Get it: {z.get_it or src.facts.get_it}")
+            out.append(f"{src.name}: {what} {path} is missing ({layout}). Get it: {z.get_it or src.facts.get_it}")
     if any(r.endswith(".mat") for r in z.needs) and importlib.util.find_spec("scipy") is None:
         out.append(f"{src.name}: reading its .mat files under data.protocol=zscl needs scipy: pip install scipy")
     return out
