@@ -4,6 +4,7 @@ whose train / test membership, order and labels must agree; the seed-42 random s
 ``torch.utils.data.random_split``; the missing-file messages; protocol=diki unchanged."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -238,6 +239,8 @@ def test_protocol_zscl_scenario_and_diki_unchanged(tmp_path, tiny_clip):
     assert s.manifest()["protocol"]["splits"] == {"food": "zscl"}
     assert s.manifest()["protocol"]["class_names"] == {"food": "zscl"}
     assert len(s.tasks[0].train) == 3 and len(s.tasks[0].test) == 2
+    few = MTILData("x", order=["food"], data_dir=str(tmp_path), protocol="zscl", num_shots=1).build(tiny_clip)
+    assert len(few.tasks[0].train) == 2 and few.tasks[0].val is None  # one shot per class, no val draw
     d = MTILData("x", order=["food"], data_dir=str(tmp_path)).build(tiny_clip)
     assert d.manifest()["protocol"] == {"name": "diki", "eval_templates": "first", "splits": {"food": "coop"}}
     assert len(d.tasks[0].train) == 2 and len(d.tasks[0].test) == 1
@@ -250,3 +253,26 @@ def test_class_name_sources_recorded():
     assert mtil.MTILSource("caltech101", "/nonexistent", splits="zscl").info.num_classes == 101
     with pytest.raises(ValueError, match="splits must be one of coop, zscl"):
         mtil.MTILSource("food", "/x", splits="ZSCL")
+
+
+def test_cifar_mnist_official_train_without_val(tmp_path):
+    """CIFAR100 / MNIST under zscl: the whole official train set in its order, empty val, official test."""
+    x = np.arange(30, dtype=np.uint8).reshape(30, 1, 1)
+    y = np.arange(30) % 10
+
+    def fake_official(root, train, download):
+        return (x, y, list(mtil.MNIST_NAMES)) if train else (x[:7], y[:7], list(mtil.MNIST_NAMES))
+
+    facts = dataclasses.replace(mtil.MTIL_DATASETS["mnist"], official=fake_official)
+    src = mtil.MTILSource("mnist", tmp_path, facts=facts, splits="zscl")
+    assert np.array_equal(src.load("train").items, x) and np.array_equal(src.load("train").labels, y)
+    assert len(src.load("val")) == 0 and len(src.load("test")) == 7
+    assert len(mtil.MTILSource("mnist", tmp_path, facts=facts).load("val")) == 10  # diki: round(0.2 * 3) = 1 per class
+
+
+def test_malformed_listing_is_a_clear_data_error(tmp_path):
+    data = tmp_path / "SUN397"
+    _write(str(data / "ClassName.txt"), "/a/abbey\n")
+    _img(str(data / "b" / "bakery" / "shop" / "sun_x.jpg"))
+    with pytest.raises(mtil.MissingDatasetError, match=r"class 'bakery/shop' is not in ClassName.txt"):
+        _zscl("sun397", tmp_path).load("train")
