@@ -276,3 +276,14 @@ def test_malformed_listing_is_a_clear_data_error(tmp_path):
     _img(str(data / "b" / "bakery" / "shop" / "sun_x.jpg"))
     with pytest.raises(mtil.MissingDatasetError, match=r"class 'bakery/shop' is not in ClassName.txt"):
         _zscl("sun397", tmp_path).load("train")
+
+
+def test_mat_without_the_split_variable_names_it(tmp_path):
+    savemat = pytest.importorskip("scipy.io").savemat
+    root = tmp_path / "flowers-102"
+    os.makedirs(root / "jpg")
+    savemat(str(root / "imagelabels.mat"), {"labels": np.array([[1, 2]])})
+    savemat(str(root / "setid.mat"), {"trnid": np.array([[1]])})
+    _write(str(root / "cat_to_name.json"), json.dumps({"1": "a", "2": "b"}))
+    with pytest.raises(mtil.MissingDatasetError, match=r"setid.mat: no variable 'tstid' \(found \['trnid'\]\)"):
+        _zscl("flowers", root).load("test")

@@ -65,10 +65,14 @@ def _ranked(rows: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, SplitData
     return _split({s: ([p for p, _ in r], [index[c] for _, c in r]) for s, r in rows.items()}), classes
 
 
-def _loadmat(path: str) -> dict:
+def _mat(path: str, key: str) -> np.ndarray:
+    """Variable ``key`` of a MATLAB file as a 1-d array (scipy's ``loadmat``, squeezed)."""
     from scipy.io import loadmat
 
-    return loadmat(path, squeeze_me=True)
+    content = loadmat(path, squeeze_me=True)
+    if key not in content:
+        raise ValueError(f"{path}: no variable {key!r} (found {sorted(k for k in content if not k.startswith('__'))})")
+    return np.atleast_1d(content[key])
 
 
 def _lines(path: str) -> list[str]:
@@ -138,12 +142,11 @@ def _eurosat(src) -> Listing:
 def _flowers(src) -> Listing:
     """torchvision Flowers102: ``setid.mat`` ``trnid`` / ``tstid`` (1,020 / 6,149), labels from
     ``imagelabels.mat`` minus 1, images ``jpg/image_<id:05d>.jpg``; names from ``cat_to_name.json``."""
-    labels = (np.atleast_1d(_loadmat(os.path.join(src.root, "imagelabels.mat"))["labels"]) - 1).tolist()
+    labels = (_mat(os.path.join(src.root, "imagelabels.mat"), "labels") - 1).tolist()
     of = dict(enumerate(labels, 1))
-    ids = _loadmat(os.path.join(src.root, "setid.mat"))
     rows = {}
     for s, key in (("train", "trnid"), ("test", "tstid")):
-        image_ids = np.atleast_1d(ids[key]).tolist()
+        image_ids = _mat(os.path.join(src.root, "setid.mat"), key).tolist()
         bad = [i for i in image_ids if i not in of]
         if bad:
             raise ValueError(f"setid.mat {key}: image ids {bad[:5]} have no label in imagelabels.mat")
@@ -199,10 +202,12 @@ def _cars(src) -> Listing:
     ``devkit/cars_meta.mat`` ``class_names`` (torchvision's, as ZSCL uses them)."""
     rows = {}
     for s, mat in (("train", os.path.join("devkit", "cars_train_annos.mat")), ("test", "cars_test_annos_withlabels.mat")):
-        annos = np.atleast_1d(_loadmat(os.path.join(src.root, mat))["annotations"])
+        annos = _mat(os.path.join(src.root, mat), "annotations")
+        if not {"fname", "class"} <= set(annos.dtype.names or ()):
+            raise ValueError(f"{mat}: annotations need the fields fname and class, got {annos.dtype.names}")
         rows[s] = ([os.path.join(src.root, f"cars_{s}", str(a["fname"])) for a in annos],
                    [int(a["class"]) - 1 for a in annos])
-    names = np.atleast_1d(_loadmat(os.path.join(src.root, "devkit", "cars_meta.mat"))["class_names"]).tolist()
+    names = _mat(os.path.join(src.root, "devkit", "cars_meta.mat"), "class_names").tolist()
     return _split(rows), [mtil.prompt_name(c) for c in names]
 
 
