@@ -11,6 +11,8 @@ ECCV 2024, arXiv 2407.05342):
   ``"test"``, each a list of ``[relative_image_path, label_int, classname]``. Exceptions:
   FGVC-Aircraft uses the official ``images_variant_{train,val,test}.txt`` lists, and CIFAR100 / MNIST
   use the official test set plus an 80/20 per-class split of the official training set.
+* **ZSCL's splits** (``data.protocol=zscl``, ``MTILSource(splits="zscl")``): torchvision's train / test
+  definitions, no val, read from the same folders by :mod:`clcli.data.mtil_zscl`.
 * **Validation split of CIFAR100 / MNIST.** The reference re-shuffles these with the global ``random``
   state on every construction, so its val set overlaps its train set. Here the split is drawn once,
   from a dedicated ``random.Random(split_seed)`` (:func:`per_class_train_val_split`), and is identical
@@ -58,6 +60,7 @@ from clcli.errors import DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+SPLIT_KINDS = ("coop", "zscl")  # DIKI's CoOp splits | ZSCL's (clcli.data.mtil_zscl)
 
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
@@ -442,9 +445,6 @@ ZSCL_TEMPLATES: dict[str, tuple[str, ...]] = {
              "a photo of my old {c}."),
     "sun397": ("a photo of a {c}.", "a photo of the {c}."),
 }
-# Datasets whose ZSCL split is read here (protocol=zscl): the official train set as the training set,
-# no val carve-out. The other nine keep the CoOp split under protocol=zscl (recorded in the manifest).
-ZSCL_OFFICIAL_TRAIN = ("cifar100", "mnist")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,14 +493,14 @@ def _read_coop(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
     return data, [names[lab] for lab in sorted(mapping)]
 
 
-def _read_aircraft(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
-    """Label = index of the variant in ``variants.txt``; lines ``<image id> <variant>``."""
-    d = _aircraft_dir(src.root)
+def read_aircraft(d: str, splits: Sequence[str] = SPLITS) -> tuple[dict[str, SplitData], list[str]]:
+    """FGVC-Aircraft's lists under ``d``: label = index of the variant in ``variants.txt``; lines
+    ``<image id> <variant>`` in ``images_variant_<split>.txt``."""
     with open(os.path.join(d, "variants.txt"), encoding="utf-8") as f:
         variants = [line.strip() for line in f if line.strip()]
     index = {v: i for i, v in enumerate(variants)}
     data = {}
-    for s in SPLITS:
+    for s in splits:
         path = os.path.join(d, f"images_variant_{s}.txt")
         items, labels = [], []
         with open(path, encoding="utf-8") as f:
@@ -514,6 +514,10 @@ def _read_aircraft(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
                 labels.append(index[variant])
         data[s] = SplitData(items, np.array(labels, dtype=np.int64))
     return data, [prompt_name(v) for v in variants]
+
+
+def _read_aircraft(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
+    return read_aircraft(_aircraft_dir(src.root))
 
 
 def _read_torchvision(src: MTILSource) -> tuple[dict[str, SplitData], list[str]]:
@@ -534,14 +538,17 @@ class MTILSource:
     :data:`MTIL_DATASETS` (``facts`` replaces it). Files are read on the first :meth:`load` — or on
     the first :attr:`info` where class names come from the files (not the torchvision datasets,
     whose read may download); ``split_seed``, ``download`` and ``val_fraction`` concern the
-    torchvision datasets only."""
+    torchvision datasets only. ``splits``: ``coop`` (DIKI's protocol, train / val / test) or ``zscl``
+    (ZSCL's train / test with an empty val, :mod:`clcli.data.mtil_zscl`)."""
 
     def __init__(self, name: str, root: str | os.PathLike[str], split_seed: int = 42, download: bool = True,
-                 val_fraction: float = 0.2, facts: MTILDataset | None = None) -> None:
-        self.name, self.facts = name, facts or MTIL_DATASETS[name]
+                 val_fraction: float = 0.2, facts: MTILDataset | None = None, splits: str = "coop") -> None:
+        if splits not in SPLIT_KINDS:
+            raise ValueError(f"{name}: splits must be one of {', '.join(SPLIT_KINDS)}, got {splits!r}")
+        self.name, self.facts, self.splits = name, facts or MTIL_DATASETS[name], splits
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         self.split_seed, self.download, self.val_fraction = int(split_seed), bool(download), float(val_fraction)
-        self._info = SourceInfo(name, self.facts.num_classes, [prompt_name(c) for c in self.facts.class_names],
+        self._info = SourceInfo(name, self.expected_classes, [prompt_name(c) for c in self.facts.class_names],
                                 [self.facts.template])
         self._data: dict[str, SplitData] | None = None
 
@@ -552,8 +559,25 @@ class MTILSource:
             self._read()
         return self._info
 
+    @property
+    def expected_classes(self) -> int:
+        """The protocol's class count (Caltech101: 100 under CoOp's split, 101 under ZSCL's)."""
+        if self.splits == "zscl":
+            from clcli.data.mtil_zscl import ZSCL_SPLITS
+
+            return ZSCL_SPLITS[self.name].num_classes
+        return self.facts.num_classes
+
     def problems(self) -> list[str]:
         """What is missing on disk, with the expected layout and where to get it."""
+        if self.splits == "zscl":
+            from clcli.data.mtil_zscl import zscl_problems
+
+            return zscl_problems(self)
+        return self.coop_problems()
+
+    def coop_problems(self) -> list[str]:
+        """What the CoOp split (DIKI's protocol) lacks on disk."""
         d = self.facts
         return [f"{self.name}: {what} {path} is missing. Expected layout: {d.layout}. Get it: "
                 + (f"download {d.split_file} from the links in CoOp's DATASETS.md ({COOP_DATASETS_MD}) and put it "
@@ -572,15 +596,20 @@ class MTILSource:
 
     def _read(self) -> None:
         try:
-            self._data, names = _READERS[self.facts.listing](self)
+            if self.splits == "zscl":
+                from clcli.data.mtil_zscl import ZSCL_SPLITS
+
+                self._data, names = ZSCL_SPLITS[self.name].read(self)
+            else:
+                self._data, names = _READERS[self.facts.listing](self)
         except (OSError, ValueError, RuntimeError) as exc:  # unreadable, malformed, or a failed download
             raise MissingDatasetError(f"{self.name}: cannot read the files under {self.root} "
                                       f"({type(exc).__name__}: {exc}). Get it: {self.facts.get_it}") from exc
         if self._info.class_names and names != self._info.class_names:
             log.warning("%s: the class names in the files differ from the built-in list; using the files'", self.name)
-        if len(names) != self.facts.num_classes:
-            log.warning("%s: %d classes under %s, DIKI's protocol has %d", self.name, len(names), self.root,
-                        self.facts.num_classes)
+        if len(names) != self.expected_classes:
+            log.warning("%s: %d classes under %s, %s's protocol has %d", self.name, len(names), self.root,
+                        "ZSCL" if self.splits == "zscl" else "DIKI", self.expected_classes)
         self._info = SourceInfo(self.name, len(names), names, [self.facts.template])
 
 
@@ -610,10 +639,11 @@ MTIL_ORDERS: dict[str, tuple[str, ...]] = {"I": MTIL_ORDER_I, "II": MTIL_ORDER_I
 
 
 def make_mtil_source(name: str, data_dir: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
-                     split_seed: int = 42, download: bool = True) -> MTILSource:
+                     split_seed: int = 42, download: bool = True, splits: str = "coop") -> MTILSource:
     """The source of dataset ``name`` (a key of :data:`MTIL_DATASETS`) under ``root``, by default
-    ``data_dir / MTIL_DEFAULT_DIRS[name]``; ``split_seed`` and ``download`` only reach CIFAR100 and MNIST."""
+    ``data_dir / MTIL_DEFAULT_DIRS[name]``; ``split_seed`` and ``download`` only reach CIFAR100 and MNIST;
+    ``splits``: ``coop`` (DIKI) or ``zscl``."""
     if name not in MTIL_DATASETS:
         raise KeyError(f"unknown MTIL dataset {name!r}; choose from {', '.join(MTIL_DATASETS)}")
     path = root if root is not None else os.path.join(os.fspath(data_dir), MTIL_DEFAULT_DIRS[name])
-    return MTILSource(name, path, split_seed=split_seed, download=download)
+    return MTILSource(name, path, split_seed=split_seed, download=download, splits=splits)

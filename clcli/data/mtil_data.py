@@ -32,7 +32,8 @@ log = logging.getLogger("clcli")
 
 # The MTIL protocols (docs/diki_mtil_protocol.md#the-protocol-choice): which prompts evaluate and which
 # splits train/test. ``diki`` (default): DIKI's single first template and CoOp splits. ``zscl``: ZSCL's
-# template ensemble at evaluation (training keeps the first template) and ZSCL's splits where built here.
+# template ensemble at evaluation (training keeps the first template) and ZSCL's splits
+# (clcli.data.mtil_zscl: torchvision's train / test of every dataset, no val).
 PROTOCOLS = ("diki", "zscl")
 
 
@@ -45,13 +46,16 @@ def protocol_problems(protocol) -> list[str]:
 
 
 def _apply_protocol(scenario: Scenario, protocol: str, ensembles: dict[str, Sequence[str]],
-                    splits: dict[str, str]) -> Scenario:
+                    splits: dict[str, str], class_names: dict[str, str] | None = None) -> Scenario:
     """Give every task its evaluation templates under ``protocol`` and record the protocol in the
-    scenario (results.json ``scenario.protocol``; ``clcli table`` shows it)."""
+    scenario (results.json ``scenario.protocol``; ``clcli table`` shows it). ``class_names``: where
+    each dataset's names come from under ``zscl`` (``zscl`` or ``coop`` where ZSCL's list is unknown)."""
     for task in scenario.tasks:
         task.eval_templates = list(ensembles[task.name]) if protocol == "zscl" else None
     scenario.protocol = {"name": protocol, "eval_templates": "ensemble" if protocol == "zscl" else "first",
                          "splits": dict(splits)}
+    if class_names is not None:
+        scenario.protocol["class_names"] = dict(class_names)
     return scenario
 
 
@@ -120,9 +124,9 @@ class MTILData:
         download: let torchvision download CIFAR100 / MNIST on first use (the other nine datasets must
             be prepared by hand; ``clcli validate`` prints the layout and where to get each).
         protocol: ``diki`` (single template, CoOp splits) or ``zscl`` (template ensemble at evaluation,
-            :data:`clcli.data.mtil.ZSCL_TEMPLATES`; ZSCL's split for CIFAR100 / MNIST — the whole
-            official train set, no val; the other nine keep the CoOp split, recorded per dataset in
-            results.json ``scenario.protocol.splits``). docs/diki_mtil_protocol.md#the-protocol-choice.
+            :data:`clcli.data.mtil.ZSCL_TEMPLATES`; ZSCL's train / test of every dataset, no val,
+            :mod:`clcli.data.mtil_zscl`; the source of each dataset's class names is recorded in
+            results.json ``scenario.protocol.class_names``). docs/diki_mtil_protocol.md#the-protocol-choice.
     """
 
     kind = DOMAIN_CLASS_INCREMENTAL
@@ -168,18 +172,14 @@ class MTILData:
             out.append(f"data.num_shots: -1 (full training sets) or an integer >= 1, got {self.num_shots!r}.")
         return out
 
-    def _zscl_split(self, d: str) -> bool:
-        return self.protocol == "zscl" and d in mtil.ZSCL_OFFICIAL_TRAIN
+    @property
+    def _splits(self) -> str:
+        return "zscl" if self.protocol == "zscl" else "coop"
 
     def _sources(self) -> list[tuple[str, Any]]:
-        out = []
-        for d in self.datasets:
-            src = mtil.make_mtil_source(d, self.data_dir, root=os.path.join(self.data_dir, self.dirs[d]),
-                                        split_seed=self.split_seed, download=self.download)
-            if self._zscl_split(d):
-                src.val_fraction = 0.0  # ZSCL trains on the whole official train set
-            out.append((d, src))
-        return out
+        return [(d, mtil.make_mtil_source(d, self.data_dir, root=os.path.join(self.data_dir, self.dirs[d]),
+                                          split_seed=self.split_seed, download=self.download, splits=self._splits))
+                for d in self.datasets]
 
     def problems(self) -> list[str]:
         """Config mistakes, then every missing dataset folder / split file with its layout (stats
@@ -198,18 +198,18 @@ class MTILData:
             if self.num_shots != -1:
                 source = FewShotView(source, self.num_shots, self.few_shot_seed, rng=rng)
                 source.load("train")  # draw now, in order: train, then val, dataset after dataset
-                if not self._zscl_split(d):
+                if self._splits == "coop":  # ZSCL's splits have no val
                     source.load("val")
             sources.append((d, source, None))
-        splits = {d: "zscl" if self._zscl_split(d) else "coop" for d in self.datasets}
-        if self.protocol == "zscl" and any(v == "coop" for v in splits.values()):
-            log.warning("data.protocol=zscl: ZSCL's own splits are built for %s only; %s keep the CoOp split "
-                        "(recorded in results.json scenario.protocol.splits)", ", ".join(mtil.ZSCL_OFFICIAL_TRAIN),
-                        ", ".join(d for d, v in splits.items() if v == "coop"))
-        with_val = self.with_val and not any(self._zscl_split(d) for d in self.datasets)
+        splits = {d: self._splits for d in self.datasets}
+        names = None
+        if self._splits == "zscl":
+            from clcli.data.mtil_zscl import ZSCL_SPLITS
+
+            names = {d: ZSCL_SPLITS[d].class_names for d in self.datasets}
         scenario = build_domain_incremental(sources, name=self.name, transform=_eval_transform(backbone),
-                                            with_val=with_val)
-        return _apply_protocol(scenario, self.protocol, mtil.ZSCL_TEMPLATES, splits)
+                                            with_val=self.with_val and self._splits == "coop")
+        return _apply_protocol(scenario, self.protocol, mtil.ZSCL_TEMPLATES, splits, names)
 
 
 # Each synthetic dataset differs from the others in prompts (prefix, template) and image statistics
