@@ -413,3 +413,17 @@ def test_sweep_validates_every_job(tmp_path, capsys, monkeypatch):
             assert f"experiment=diki/{row}_order1 seed={seed} +sweep=diki_mtil" in flat, (row, seed)
     assert "method.ddas.alexnet_weights" in flat
     assert "Traceback" not in out and "method.top_k" not in out
+
+
+def test_experts_train_on_zscls_random_resized_crop_by_default(tiny_clip, synthetic_mtil):
+    """Both reference codes train with ZSCL's RandomResizedCrop(scale 0.9-1, bicubic); ``augment: none``
+    keeps the test transform; DDAS's autoencoders always see the plain images."""
+    task = synthetic_mtil.tasks[0]
+    m = make(tiny_clip, synthetic_mtil)
+    assert m.augment == "zscl_rrc" and compose_cfg(["method=moe_adapters"]).method.augment == "zscl_rrc"
+    rrc = m.train_data(task).transform.transforms[0]
+    assert type(rrc).__name__ == "RandomResizedCrop" and rrc.scale == (0.9, 1.0)
+    assert rrc.interpolation.value == "bicubic" and rrc.size == (32, 32)
+    assert make(tiny_clip, synthetic_mtil, augment="none").train_data(task) is task.train
+    with pytest.raises(ConfigError, match="method.augment"):
+        make(tiny_clip, synthetic_mtil, augment="flip")

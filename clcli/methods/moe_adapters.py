@@ -42,7 +42,15 @@ from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, fit_iterations
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
-from clcli.methods.clip_baselines import PromptBank, classifier_lr_problems, clip_problems, cosine_logits, not_positive
+from clcli.methods.clip_baselines import (
+    AUGMENTS,
+    PromptBank,
+    classifier_lr_problems,
+    clip_problems,
+    cosine_logits,
+    not_positive,
+    zscl_train_transform,
+)
 from clcli.models.clip import ClipBackbone
 from clcli.models.ddas import ALEXNET_URL, DDAS, FEATURES, alexnet_weights_path, build_features, train_autoencoder
 from clcli.models.moe import TOWERS, MoEClip, frozen_summary
@@ -139,10 +147,11 @@ class MoEAdapters:
 
     def __init__(self, backbone, optim, runtime: Runtime, experts: int = 22, top_k: int = 2, bottleneck: int = 64,
                  scale: float = 0.1, dropout: float = 0.1, towers=TOWERS, freeze_top: int = 2,
-                 lr_by_dataset: dict | None = None, selector: str = "ddas", ddas: dict | None = None):
+                 lr_by_dataset: dict | None = None, selector: str = "ddas", ddas: dict | None = None,
+                 augment: str = "zscl_rrc"):
         problems = self.config_problems(optim, type(backbone), experts=experts, top_k=top_k, bottleneck=bottleneck,
                                         scale=scale, dropout=dropout, towers=towers, freeze_top=freeze_top,
-                                        lr_by_dataset=lr_by_dataset, selector=selector, ddas=ddas)
+                                        lr_by_dataset=lr_by_dataset, selector=selector, ddas=ddas, augment=augment)
         if problems:
             raise ConfigError(problems)
         if backbone.dtype != torch.float32:  # the reference casts every weight to fp32 (docs/moe_adapters.md#training)
@@ -158,6 +167,7 @@ class MoEAdapters:
         self.freeze_top = int(freeze_top)
         self.lr_by_dataset = {str(k): float(v) for k, v in dict(lr_by_dataset or {}).items()}
         self.selector = selector
+        self.augment = augment
         self.ddas_cfg = {**DDAS_DEFAULTS, **dict(ddas or {})}
         self.ddas: DDAS | None = None
         if selector == "ddas":
@@ -177,7 +187,8 @@ class MoEAdapters:
     # ------------------------------------------------------------------ config checks
     @staticmethod
     def config_problems(optim, backbone=None, *, experts=22, top_k=2, bottleneck=64, scale=0.1, dropout=0.1,
-                        towers=TOWERS, freeze_top=2, lr_by_dataset=None, selector="ddas", ddas=None, **_) -> list[str]:
+                        towers=TOWERS, freeze_top=2, lr_by_dataset=None, selector="ddas", ddas=None,
+                        augment="zscl_rrc", **_) -> list[str]:
         """Problems of the method's keys, backbone class and learning rate (``clcli validate`` and the
         constructor), including the user-provided DDAS files (AlexNet weights, TinyImageNet)."""
         p: list[str] = clip_problems(backbone, "moe_adapters") + classifier_lr_problems(optim, "moe_adapters")
@@ -189,6 +200,9 @@ class MoEAdapters:
         if not (isinstance(freeze_top, int) and not isinstance(freeze_top, bool) and freeze_top >= 0):
             p.append(f"method.freeze_top: expected an integer >= 0 (experts frozen per block after a task; 2 in "
                      f"MoE-Adapters), got {freeze_top!r}.")
+        if augment not in AUGMENTS:
+            p.append(f"method.augment: expected one of {', '.join(AUGMENTS)} (zscl_rrc = the random resized crop "
+                     f"both reference codes train with), got {augment!r}.")
         if not _number(scale):
             p.append(f"method.scale: expected a number (0.1 in MoE-Adapters), got {scale!r}.")
         if not _number(dropout) or not 0 <= dropout < 1:
@@ -233,6 +247,12 @@ class MoEAdapters:
     def task_lr(self, task: Task) -> float:
         return self.lr_by_dataset.get(task.name, float(self.optim.lr.representation))
 
+    def train_data(self, task: Task):
+        """The task's training images as the router and experts see them: ZSCL's random resized crop
+        (``method.augment: zscl_rrc``, the reference) or the test transform (``none``). DDAS's
+        autoencoders train on the plain images."""
+        return task.train.with_transform(zscl_train_transform(self.backbone)) if self.augment == "zscl_rrc" else task.train
+
     def train_task(self, task: Task) -> None:
         o, rt, t = self.optim, self.rt, task.index
         self._text.clear()
@@ -240,7 +260,7 @@ class MoEAdapters:
         trainable = sum(p.numel() for p in params)
         lr = self.task_lr(task)
         opt = optim_lib.make_optimizer(o, [(params, lr)])
-        loader = rt.loader(task.train, o.batch_size, shuffle=True)
+        loader = rt.loader(self.train_data(task), o.batch_size, shuffle=True)
         sched = optim_lib.make_scheduler(o, opt, len(loader))  # warmup_cosine over steps 0..optim.iterations
         step = MoEStep(self.model, self.bank.tokens(task.labels, rt.device), t, task.labels.start,
                        o.get("label_smoothing") or 0.0)
@@ -386,6 +406,7 @@ class MoEAdapters:
             "adapter_parameters": m.adapter_parameter_count(),
             "router_parameters_per_task": m.router_parameter_count(),
             "clip_parameters": sum(p.numel() for p in self.backbone.model.parameters()),
+            "augment": self.augment,
             "experts": m.n_experts, "top_k": m.top_k, "bottleneck": m.bottleneck, "towers": list(m.towers),
             "frozen_experts_per_block": {t: [len(s) for s in blocks] for t, blocks in m.frozen.items()},
             "selector": self.selector,
