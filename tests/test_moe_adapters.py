@@ -417,7 +417,7 @@ def test_sweep_validates_every_job(tmp_path, capsys, monkeypatch):
 
 def test_experts_train_on_zscls_random_resized_crop_by_default(tiny_clip, synthetic_mtil):
     """Both reference codes train with ZSCL's RandomResizedCrop(scale 0.9-1, bicubic); ``augment: none``
-    keeps the test transform; DDAS's autoencoders always see the plain images."""
+    keeps the test transform."""
     task = synthetic_mtil.tasks[0]
     m = make(tiny_clip, synthetic_mtil)
     assert m.augment == "zscl_rrc" and compose_cfg(["method=moe_adapters"]).method.augment == "zscl_rrc"

@@ -248,9 +248,9 @@ class MoEAdapters:
         return self.lr_by_dataset.get(task.name, float(self.optim.lr.representation))
 
     def train_data(self, task: Task):
-        """The task's training images as the router and experts see them: ZSCL's random resized crop
-        (``method.augment: zscl_rrc``, the reference) or the test transform (``none``). DDAS's
-        autoencoders train on the plain images."""
+        """The task's training images as the experts, the router and the task's DDAS autoencoder see
+        them (the reference's train transform): ZSCL's random resized crop (``method.augment: zscl_rrc``)
+        or the test transform (``none``)."""
         return task.train.with_transform(zscl_train_transform(self.backbone)) if self.augment == "zscl_rrc" else task.train
 
     def train_task(self, task: Task) -> None:
@@ -288,7 +288,7 @@ class MoEAdapters:
             self.history[-1]["frozen_now"] = chosen
             self.history[-1]["frozen_after"] = frozen_summary(self.model.frozen)
         if self.ddas is not None and str(task.index + 1) not in self.ddas.aes:
-            self._train_ae(task.index + 1, task.train, int(self.ddas_cfg["task_steps"]), f"autoencoder {task.name}")
+            self._train_ae(task.index + 1, self.train_data(task), int(self.ddas_cfg["task_steps"]), f"autoencoder {task.name}")
             if self.ddas_cfg["threshold"] == "auto":
                 self._calibrate(task)
 
