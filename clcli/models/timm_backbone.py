@@ -64,11 +64,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def checkpoint_problems(checkpoint_path: str | None) -> list[str]:
-    """A ``backbone.checkpoint_path`` that names no file (checked before anything is loaded)."""
+def checkpoint_problems(checkpoint_path: str | None, hint: str | None = None) -> list[str]:
+    """A ``backbone.checkpoint_path`` that names no file (checked before anything is loaded); ``hint``
+    (``backbone.checkpoint_hint``) says how that file is made, for weights clcli creates itself."""
     if checkpoint_path and not Path(checkpoint_path).is_file():
-        return [f"backbone.checkpoint_path: file '{checkpoint_path}' does not exist. Point it at the weights file "
-                "(e.g. backbone.checkpoint_path=/path/to/weights.pth)."]
+        fix = hint or "Point it at the weights file (e.g. backbone.checkpoint_path=/path/to/weights.pth)."
+        return [f"backbone.checkpoint_path: file '{checkpoint_path}' does not exist. {fix}"]
     return []
 
 
@@ -192,7 +193,8 @@ class TimmBackbone(nn.Module):
     - ``weights: efficientnet_lite0_package``: the offline EfficientNet-Lite0 file, mapped by position
       onto timm's ``efficientnet_lite0`` (same tensors, other names) and loaded strictly;
     - ``checkpoint_path``: a local file (e.g. MoCo v3 ``vit-b-300ep`` converted to DeiT keys), loaded
-      strictly except for classifier-head keys;
+      strictly except for classifier-head keys; ``checkpoint_hint`` says how to make a missing one
+      (``offline_vit``: the command that distils it);
     - ``pretrained: true``: timm's pretrained tag, from the local Hugging Face cache (``clcli validate``
       reports weights that are not cached: :func:`timm_weights_problems`);
     - otherwise random initialization (tiny test models).
@@ -214,6 +216,7 @@ class TimmBackbone(nn.Module):
         freeze_bn_stats: bool = True,
         model_kwargs: dict | None = None,
         input_size: int | None = None,
+        checkpoint_hint: str | None = None,
     ):
         super().__init__()
         import timm
@@ -242,6 +245,8 @@ class TimmBackbone(nn.Module):
         elif weights:
             raise BackboneError(f"backbone.weights: unknown value '{weights}' (known: efficientnet_lite0_package)")
         elif checkpoint_path:
+            if checkpoint_hint and not Path(checkpoint_path).is_file():
+                raise BackboneError(checkpoint_problems(checkpoint_path, checkpoint_hint)[0])
             self._load_strict(load_state_dict_file(checkpoint_path), checkpoint_path)
             self.weights_identity.update(file=str(checkpoint_path), sha256=file_sha256(checkpoint_path))
         if reinit_final_norm:
@@ -263,10 +268,11 @@ class TimmBackbone(nn.Module):
 
     @staticmethod
     def config_problems(checkpoint_path=None, pretrained=False, weights=None, model_name=None, model_kwargs=None,
-                        **_) -> list[str]:
+                        checkpoint_hint=None, **_) -> list[str]:
         """Problems of the backbone's keys found without building it (``clcli validate``): a missing
-        weights file, and hub weights (``pretrained: true``) that are not in the local cache."""
-        problems = checkpoint_problems(checkpoint_path)
+        weights file (with ``checkpoint_hint``, how to make it), and hub weights (``pretrained: true``)
+        that are not in the local cache."""
+        problems = checkpoint_problems(checkpoint_path, checkpoint_hint)
         if pretrained and not checkpoint_path and not weights and model_name:
             problems += timm_weights_problems(model_name, model_kwargs)
         return problems
