@@ -161,7 +161,7 @@ class SLCA:
         if model is None or vit_blocks(model) is None:
             raise ConfigError([f"method.lora: LoRA goes on the attention of a ViT's blocks, but the backbone "
                                f"'{getattr(backbone, 'model_name', type(backbone).__name__)}' has none. Use a ViT "
-                               "backbone (backbone=vit_b16_in21k, vit_b16_mocov3 or tiny_vit), or drop the LoRA "
+                               "backbone (backbone=vit_b16_in21k, vit_b16_mocov3, offline_vit or tiny_vit), or drop the LoRA "
                                "(method=slca, or method.lora=null)."])
         try:
             add_lora(model, list(self.lora["targets"]), self.lora["rank"], self.lora["scale"], self.lora["svd_init"])

@@ -11,7 +11,7 @@ and are checked on the built model (:func:`clcli.models.prompting.vit_problems`)
 from __future__ import annotations
 
 VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit")
-VIT_BACKBONES = "backbone=vit_b16_in21k, vit_b16_mocov3 or tiny_vit"
+VIT_BACKBONES = "backbone=vit_b16_in21k, vit_b16_mocov3, offline_vit or tiny_vit"
 
 
 def timm_module(model_name: str) -> str | None:
