@@ -17,9 +17,11 @@ run's own), accuracy_matrix.csv, summary.md and the plots. The file is not calle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -369,16 +371,13 @@ def _write(run_dir: Path, target: Path | None, results: dict) -> Path:
             _check_output(target)
             os.rename(staging, target)  # onto a missing or empty folder
             return target
-        n = 0
-        while True:
+        for n in itertools.count():
             final = run_dir / ("eval" if n == 0 else f"eval-{n}")
-            if not final.exists():
-                try:
-                    os.rename(staging, final)
-                    return final
-                except OSError:  # created meanwhile by another process: take the next name
-                    pass
-            n += 1
+            if final.exists():
+                continue
+            with contextlib.suppress(OSError):  # created meanwhile by another process: take the next name
+                os.rename(staging, final)
+                return final
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

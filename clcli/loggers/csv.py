@@ -22,7 +22,7 @@ class CSVLogger:
         self.rows: list[dict] = []
 
     def log_hparams(self, config: dict, env: dict) -> None:
-        pass
+        """Nothing to write: the run's config and environment are in results.json and .hydra/."""
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.columns += [k for k in metrics if k not in self.columns]
@@ -34,4 +34,4 @@ class CSVLogger:
         atomic_write_text(self.path, buf.getvalue())
 
     def finish(self, status: str) -> None:
-        pass
+        """Nothing to close: every ``log_metrics`` rewrote the whole file atomically."""

@@ -12,6 +12,7 @@ task id is used. Each pool owns its config keys (``method.prompt.*``): :meth:`Pr
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 
@@ -95,7 +96,7 @@ def _batchwise_problems(batchwise, known: tuple[str, ...], method: str) -> list[
 
 
 # ------------------------------------------------------------------------------------------- pools
-class PromptPool(nn.Module):
+class PromptPool(nn.Module, abc.ABC):
     """Common bookkeeping: ``tasks_begun`` (saved with the parameters, ``get_extra_state``) and the
     scenario's task count."""
 
@@ -137,8 +138,9 @@ class PromptPool(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.tasks_begun, self.num_tasks = int(state["tasks_begun"]), state["num_tasks"]
 
+    @abc.abstractmethod
     def parameter_counts(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Trainable prompt parameters by kind (``method_summary``): each pool counts its own."""
 
 
 def _uniform(shape, low: float, high: float) -> nn.Parameter:
