@@ -93,13 +93,13 @@ class Runtime:
         log.warning(record.get("message", str(record)))
 
     def loader(self, dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-               shard: bool = False):
+               shard: bool = False, drop_last: bool = False):
         """A DataLoader. In a multi-process run (``clcli.distributed``) a shuffled loader is a
         training loader: ``batch_size`` is the global batch, this rank loads ``batch_size /
         world_size`` samples per step through a ``DistributedSampler`` whose seed is drawn from the
         global RNG (iterate it through :func:`fit`, which advances its epoch); ``shard=True`` gives
         this rank a block of an unshuffled dataset (statistics, evaluation; the caller sums across
-        ranks)."""
+        ranks). ``drop_last``: leave out each epoch's last, short batch (same sampler and order)."""
         pin = self.device.type == "cuda"
         sampler = None
         if distributed.is_active() and shuffle:
@@ -121,7 +121,7 @@ class Runtime:
             generator = torch.Generator()
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=self.num_workers,
-            pin_memory=pin, persistent_workers=self.num_workers > 0, generator=generator, drop_last=False,
+            pin_memory=pin, persistent_workers=self.num_workers > 0, generator=generator, drop_last=drop_last,
         )
 
     def images(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from clcli import optim as optim_lib
 from clcli.alignment import CA_KEYS, align, ca_config_problems, fit_statistics
@@ -36,7 +35,7 @@ from clcli.data.scenario import Scenario, Task
 from clcli.engine import LossGuard, Runtime, fit
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
-from clcli.models.heads import TaskHeads
+from clcli.models.heads import TaskHeads, heads_state, load_heads
 from clcli.models.prompt_pools import POOLS, PromptOutput, PromptPool
 from clcli.models.prompting import encode, vit_problems
 from clcli.models.vit_config import VIT_BACKBONES, vit_config_problems
@@ -52,19 +51,6 @@ def head_input(model: nn.Module, images: torch.Tensor, out: PromptOutput, pool: 
     """The prompted pass and the feature the heads read (L2P: mean of the prompt outputs, else CLS)."""
     enc = encode(model, images, out.prompts, out.prefixes, pool.layout)
     return enc.prompt_mean() if pool.head_input == "prompt_mean" else enc.cls(model)
-
-
-def without_last_batch(loader: DataLoader, where: str) -> DataLoader:
-    """``loader`` with ``drop_last=True`` (``method.drop_last``): the same dataset, sampler (so the
-    same shuffled order), workers and generator; only each epoch's last, short batch is left out.
-    A task with fewer images than one batch would train on nothing: a ConfigError says so."""
-    if len(loader) == 0 or len(loader.sampler) < loader.batch_size:
-        raise ConfigError([f"method.drop_last: {where} has {len(loader.sampler)} training images per process, fewer "
-                           f"than one batch of {loader.batch_size}, so every batch would be dropped; set "
-                           "method.drop_last=false or a smaller optim.batch_size."])
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
-                      generator=loader.generator, drop_last=True)
 
 
 def _plain(node):
@@ -237,9 +223,11 @@ class PromptMethod:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
 
             opt.register_step_pre_hook(clip)
-        loader = self.rt.loader(task.train, o.batch_size, shuffle=True)
-        if self.drop_last:
-            loader = without_last_batch(loader, f"task {task.index} ({task.name})")
+        loader = self.rt.loader(task.train, o.batch_size, shuffle=True, drop_last=self.drop_last)
+        if len(loader) == 0:  # drop_last with fewer images than one batch: nothing to train on
+            raise ConfigError([f"method.drop_last: task {task.index} ({task.name}) has {len(loader.sampler)} training "
+                               f"images per process, fewer than one batch of {loader.batch_size}, so every batch "
+                               "would be dropped; set method.drop_last=false or a smaller optim.batch_size."])
         sched = optim_lib.make_scheduler(o, opt, len(loader))
         step = PromptLoss(self.backbone, self.pool, head, task.labels.start, task.index,
                           vote=bool(self.batchwise.get("train", False)))
@@ -313,9 +301,7 @@ class PromptMethod:
         return {
             "kind": self.kind,
             "pool": self.pool.state_dict(),
-            "head_sizes": [h.out_features for h in self.heads.heads],
-            "heads": self.heads.state_dict(),
-            "aligned": self.aligned.state_dict() if self.aligned is not None else None,
+            **heads_state(self.heads, self.aligned),
             "stats": self.stats.state_dict(),
             "task_of": list(self.task_of),
             "losses": list(self.losses),
@@ -328,16 +314,7 @@ class PromptMethod:
         self.pool.load_state_dict(state["pool"])
         if num_tasks is not None and self.pool.num_tasks != num_tasks:
             raise ValueError(f"checkpoint for {self.pool.num_tasks} tasks, this scenario has {num_tasks}")
-        self.heads = TaskHeads(self.backbone.feature_dim)
-        for size in state["head_sizes"]:
-            self.heads.add_task(size, freeze_old=True)
-        self.heads.load_state_dict(state["heads"])
-        self.heads.to(self.rt.device)
-        self.aligned = None
-        if state["aligned"] is not None:
-            self.aligned = self.heads.copy()
-            self.aligned.load_state_dict(state["aligned"])
-            self.aligned.requires_grad_(False)
+        self.heads, self.aligned = load_heads(self.backbone.feature_dim, state, self.rt.device)
         self.stats.load_state_dict(state["stats"])
         self.task_of = list(state["task_of"])
         self.losses = list(state["losses"])

@@ -50,7 +50,7 @@ from clcli.data.scenario import Scenario, Task
 from clcli.engine import Runtime, fit
 from clcli.errors import ConfigError
 from clcli.methods.base import EvalBatch
-from clcli.models.heads import TaskHeads, feature_scales
+from clcli.models.heads import TaskHeads, feature_scales, heads_state, load_heads
 from clcli.models.lora import TARGETS as LORA_TARGETS
 from clcli.models.lora import add_lora, hybrid_trainable, vit_blocks
 from clcli.models.vit_config import vit_config_problems
@@ -327,10 +327,7 @@ class SLCA:
     def state_dict(self) -> dict:
         return {
             "backbone": self.backbone.state_dict(),
-            "head_sizes": [h.out_features for h in self.heads.heads],
-            "heads": self.heads.state_dict(),
-            "aligned": self.aligned.state_dict() if self.aligned is not None else None,
-            "aligned_scales": list(self.aligned.scales) if self.aligned is not None else None,
+            **heads_state(self.heads, self.aligned),
             **({"probe": self.probe.state_dict()} if self.probe is not None else {}),
             "stats": self.stats.state_dict(),
             "task_of": list(self.task_of),
@@ -338,18 +335,7 @@ class SLCA:
 
     def load_state_dict(self, state: dict) -> None:
         self.backbone.load_state_dict(state["backbone"])
-        self.heads = TaskHeads(self.backbone.feature_dim)
-        for size in state["head_sizes"]:
-            self.heads.add_task(size, freeze_old=True)
-        self.heads.load_state_dict(state["heads"])
-        self.heads.to(self.rt.device)
-        self.aligned = None
-        if state["aligned"] is not None:
-            self.aligned = self.heads.copy()
-            self.aligned.load_state_dict(state["aligned"])
-            self.aligned.requires_grad_(False)
-            if state.get("aligned_scales"):
-                self.aligned.scales = [float(v) for v in state["aligned_scales"]]
+        self.heads, self.aligned = load_heads(self.backbone.feature_dim, state, self.rt.device)
         if self.probe is not None and state.get("probe") is not None:
             self.probe.load_state_dict(state["probe"])
         self.stats.load_state_dict(state["stats"])

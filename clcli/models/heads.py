@@ -62,3 +62,29 @@ def feature_scales(num_heads: int, mu: float) -> list[float]:
     k < T gets ``1 + mu·(T − k)``, the current head 1 (docs/slca_protocol.md#slca-alignment-and-feature-scales)."""
     T = num_heads - 1
     return [1.0 + mu * (T - k) if k < T else 1.0 for k in range(num_heads)]
+
+
+def heads_state(heads: TaskHeads, aligned: TaskHeads | None) -> dict:
+    """The checkpoint entries of a method's stage-1 heads and their aligned copy (SLCA, the prompt
+    methods): head sizes, weights, and the aligned copy's weights and input scales."""
+    return {"head_sizes": [h.out_features for h in heads.heads], "heads": heads.state_dict(),
+            "aligned": aligned.state_dict() if aligned is not None else None,
+            "aligned_scales": list(aligned.scales) if aligned is not None else None}
+
+
+def load_heads(dim: int, state: dict, device) -> tuple[TaskHeads, TaskHeads | None]:
+    """The heads and aligned copy written by :func:`heads_state` (older checkpoints have no
+    ``aligned_scales``: all 1), on ``device``, old heads frozen and the aligned copy without grad."""
+    heads = TaskHeads(dim)
+    for size in state["head_sizes"]:
+        heads.add_task(size, freeze_old=True)
+    heads.load_state_dict(state["heads"])
+    heads.to(device)
+    aligned = None
+    if state["aligned"] is not None:
+        aligned = heads.copy()
+        aligned.load_state_dict(state["aligned"])
+        aligned.requires_grad_(False)
+        if state.get("aligned_scales"):
+            aligned.scales = [float(v) for v in state["aligned_scales"]]
+    return heads, aligned
